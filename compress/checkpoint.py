@@ -1,0 +1,71 @@
+"""Checkpoints that rebuild without unpickling code: an architecture spec plus a
+``state_dict``, written atomically, loaded with ``torch.load(weights_only=True)``."""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import CompressError
+from .models import build_model
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)`` then rename over `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rebuild(spec):
+    """The nn.Module an architecture spec describes (a quantized spec rebuilds the QAT model)."""
+    model = build_model(spec)
+    if spec.get("quant"):
+        from .quant import QuantSpec, quantize_model
+
+        model = quantize_model(model, QuantSpec(**spec["quant"]))
+    return model
+
+
+def save_checkpoint(path, spec, model):
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda p: torch.save({"spec": spec, "state_dict": state}, p))
+
+
+def load_checkpoint(path):
+    """(spec, model) from a checkpoint; CompressError if it is unreadable or does not fit."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        spec, state = ckpt["spec"], ckpt["state_dict"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one line
+        raise CompressError(f"{path}: not a readable compress checkpoint ({type(e).__name__})") from None
+    model = rebuild(spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CompressError(f"{path}: weights do not fit the stored architecture ({str(e).splitlines()[0]})") from None
+    return spec, model

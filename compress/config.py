@@ -1,0 +1,296 @@
+"""Recipes: YAML parsed once into typed, frozen objects with defaults in code.
+
+Every problem is a :class:`CompressError` whose message starts with the path of
+the field, e.g. ``stages[1].ratio: must be < 1, got 1.5``.
+"""
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import CompressError, did_you_mean, unknown
+
+
+class Spec(BaseModel):
+    """Base of every config object: unknown keys refused, immutable after parsing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              protected_namespaces=())
+
+
+# ---- error formatting ----------------------------------------------------------------
+
+def _loc_to_path(loc, prefix):
+    path = prefix
+    prev = None
+    for el in loc:
+        if isinstance(el, int):
+            path += f"[{el}]"
+        elif isinstance(prev, int) and isinstance(el, str) and el.startswith("tag:"):
+            pass
+        else:
+            path += f".{el}" if path else str(el)
+        prev = el
+    return path
+
+
+def _short(v):
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _message(err, cls_fields):
+    t, msg, inp = err["type"], err["msg"], err.get("input")
+    ctx = err.get("ctx") or {}
+    if t == "extra_forbidden":
+        name = err["loc"][-1]
+        return f"unknown key{did_you_mean(name, cls_fields)}; valid: {', '.join(sorted(cls_fields))}"
+    if t == "missing":
+        return "required key is missing"
+    if t in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}[t]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound}, got {_short(inp)}"
+    if t == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {_short(inp)}"
+    if t in ("union_tag_invalid", "union_tag_not_found"):
+        return msg[0].lower() + msg[1:]
+    if t == "value_error":
+        return msg.removeprefix("Value error, ")
+    return f"{msg[0].lower() + msg[1:]}, got {_short(inp)}"
+
+
+def _fields_at(cls, loc):
+    """Field names (with aliases) of the model class reached by `loc`, best effort."""
+    for el in loc[:-1]:
+        if isinstance(el, int) or cls is None:
+            continue
+        f = getattr(cls, "model_fields", {}).get(el)
+        if f is None:
+            f = next((f for f in getattr(cls, "model_fields", {}).values() if f.alias == el), None)
+        ann = getattr(f, "annotation", None) if f else None
+        cls = _model_in(ann)
+    return [f.alias or n for n, f in getattr(cls, "model_fields", {}).items()] if cls else []
+
+
+def _model_in(ann):
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in getattr(ann, "__args__", ()) or ():
+        m = _model_in(a)
+        if m is not None:
+            return m
+    return None
+
+
+def parse(cls, data, path):
+    """Validate `data` into `cls`, raising a CompressError that names the field path."""
+    if not isinstance(data, dict):
+        raise CompressError(f"{path}: must be a mapping, got {_short(data)}")
+    try:
+        return cls.model_validate(data)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        where = _loc_to_path(err["loc"], path)
+        raise CompressError(f"{where}: {_message(err, _fields_at(cls, err['loc']))}") from None
+
+
+# ---- shared pieces of stage configs ------------------------------------------------------
+
+class OptimizerSpec(Spec):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class AugmentSpec(Spec):
+    crop: int = Field(0, ge=0, description="random-crop padding in pixels; 0 = off")
+    flip: bool = False
+
+    @property
+    def deterministic(self):
+        return self.crop == 0 and not self.flip
+
+
+class TrainingSpec(Spec):
+    """What every stage that runs the training loop shares (train, distill, qat)."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup: float = Field(0.25, ge=0, lt=1, description="OneCycle warm-up fraction")
+    augment: AugmentSpec = AugmentSpec()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class StageSpec(Spec):
+    """Base of stage configs. Subclasses add their own fields (one file per stage kind)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: str
+
+    def stage_refs(self):
+        """[(field, stage name)] this stage reads results from; checked to exist earlier."""
+        return [(f, getattr(self, f)) for f in ("from_", "teacher")
+                if getattr(self, f, None) is not None]
+
+    def model_refs(self):
+        """[(field, models entry)] this stage builds from the recipe's `models` section."""
+        m = getattr(self, "model", None)
+        return [("model", m)] if isinstance(m, str) else []
+
+
+class DataSpec(Spec):
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+    download: Optional[bool] = Field(None, description="None: the dataset's own default")
+    train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training images")
+    test_subset: Optional[int] = Field(None, ge=1, description="use only the first N test images")
+    eval_batch_size: int = Field(1024, ge=1)
+
+
+class ModelDef(Spec):
+    arch: str
+    args: dict[str, Any] = {}
+
+
+class Recipe(Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    data: DataSpec = DataSpec()
+    models: dict[str, ModelDef] = {}
+    stages: list[Any]
+
+    def stage(self, name):
+        return next(s for s in self.stages if s.name == name)
+
+    def stage_key(self, index, upstream_keys):
+        """Content hash of a stage: its config, the data, the seed, the model defs it builds
+        and the keys of the stages it reads. Unchanged key -> stored result is reused."""
+        s = self.stages[index]
+        payload = {
+            "stage": s.model_dump(mode="json", by_alias=True),
+            "data": self.data.model_dump(mode="json"),
+            "seed": self.seed,
+            "models": {m: self.models[m].model_dump(mode="json") for _, m in s.model_refs()},
+            "inputs": upstream_keys,
+            "format": 1,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def _parse_value(text):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw, assignment):
+    """Apply ``PATH=VALUE`` to the raw recipe dict. Stages are addressed by name or index:
+    ``stages.teacher.epochs=1``; VALUE is parsed as YAML (``1`` is an int, ``[1, 2]`` a list)."""
+    if "=" not in assignment:
+        raise CompressError(f"--set {assignment}: expected PATH=VALUE, e.g. stages.teacher.epochs=1")
+    path, value = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".")]
+    if not all(keys):
+        raise CompressError(f"--set {assignment}: empty path element")
+    node, where = raw, ""
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if k.isdigit() and int(k) < len(node):
+                idx = int(k)
+            else:
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                if k not in names:
+                    raise CompressError(f"--set {path}: {where} has no element '{k}'; valid: "
+                                        f"{', '.join(map(str, names)) or 'indices 0..' + str(len(node) - 1)}")
+                idx = names.index(k)
+            if last:
+                node[idx] = _parse_value(value)
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[k] = _parse_value(value)
+            else:
+                node = node.setdefault(k, {})
+        else:
+            raise CompressError(f"--set {path}: {where} is a value, not a mapping or list")
+        where = f"{where}.{k}" if where else k
+    return raw
+
+
+def load_recipe(path, overrides=()):
+    """Read, override and validate a recipe file. Raises CompressError on any problem.
+
+    >>> recipe = load_recipe("recipes/vgg_prune_kd.yaml", ["stages.teacher.epochs=1"])
+    """
+    from .stages import STAGES  # noqa: F401  (fills the stage registry)
+
+    p = Path(path)
+    if not p.is_file():
+        raise CompressError(f"recipe file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise CompressError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise CompressError(f"{path}: a recipe must be a mapping with name, data, models, stages")
+    raw = copy.deepcopy(raw)
+    for o in overrides:
+        apply_override(raw, o)
+    return parse_recipe(raw)
+
+
+def parse_recipe(raw):
+    from .stages import STAGES
+
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise CompressError("stages: must be a non-empty list of {name, kind, ...}")
+    recipe = parse(Recipe, {**raw, "stages": []}, "")
+    stages, seen = [], {}
+    for i, s in enumerate(stages_raw):
+        where = f"stages[{i}]"
+        if not isinstance(s, dict):
+            raise CompressError(f"{where}: must be a mapping with name and kind, got {_short(s)}")
+        if "kind" not in s:
+            raise CompressError(f"{where}.kind: required key is missing; valid: {', '.join(sorted(STAGES))}")
+        if s["kind"] not in STAGES:
+            raise CompressError(f"{where}.kind: {unknown('stage kind', s['kind'], STAGES)}")
+        spec = parse(STAGES[s["kind"]].spec, s, where)
+        if spec.name in seen:
+            raise CompressError(f"{where}.name: duplicate stage name '{spec.name}' (also stages[{seen[spec.name]}])")
+        for field, ref in spec.stage_refs():
+            field_name = "from" if field == "from_" else field
+            if ref not in seen:
+                later = any(isinstance(x, dict) and x.get("name") == ref for x in stages_raw[i:])
+                why = "comes later" if later else "does not exist"
+                raise CompressError(f"{where}.{field_name}: stage '{ref}' {why}; earlier stages: "
+                                    f"{', '.join(seen) or 'none'}")
+            if not STAGES[stages[seen[ref]].kind].makes_model:
+                raise CompressError(f"{where}.{field_name}: stage '{ref}' ({stages[seen[ref]].kind}) "
+                                    "produces no model")
+        for field, ref in spec.model_refs():
+            if ref not in recipe.models:
+                raise CompressError(f"{where}.{field}: {unknown('models entry', ref, recipe.models)}")
+        seen[spec.name] = i
+        stages.append(spec)
+    return recipe.model_copy(update={"stages": stages})

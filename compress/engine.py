@@ -1,0 +1,166 @@
+"""The one training loop (plain training, KD and QAT all use it), evaluation, optimizers
+and schedules."""
+
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import Split, iterate, num_batches
+
+
+@dataclass
+class RunContext:
+    """What a stage needs beyond its own config; stages never branch on each other's kind."""
+
+    recipe: object
+    data: object                    # compress.data.Data, tensors already on `device`
+    device: torch.device
+    results: dict = field(default_factory=dict)   # stage name -> StageResult (earlier stages)
+    cache: dict = field(default_factory=dict)     # run-wide cache, e.g. teacher logits
+    stage_dir: object = None        # where this stage may write files
+    export_dir: object = None
+    seed: int = 0
+    logger: object = None           # compress.logging.RunLogger or None
+
+    @property
+    def cuda(self):
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """bf16 autocast on CUDA; plain fp32 on the CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+
+    def generator(self, salt=0):
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1000003 + salt)
+        return g
+
+
+class Frozen(nn.Module):
+    """A teacher frozen by construction: eval mode that ``train()`` cannot undo, no grads,
+    forward under ``torch.no_grad()``. Feature hooks attach to ``.module``'s paths."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module.eval().requires_grad_(False)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return self.module(x)
+
+
+def build_optimizer(spec, params):
+    o = spec.optimizer
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]   # BN and biases: no weight decay
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def build_scheduler(spec, optimizer, total_steps):
+    if spec.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=spec.optimizer.lr, total_steps=max(total_steps, 1),
+            pct_start=spec.warmup, cycle_momentum=False, anneal_strategy="linear",
+            div_factor=25.0, final_div_factor=1e3)
+    if spec.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, steps, desc="", batch_size=1):
+    """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`.
+
+    Metrics accumulate on the device and are read once at the end (no per-step sync,
+    except a progress-bar refresh every 50 steps). Returns {"loss/<term>": mean, "train_top1": %}.
+    """
+    model.train()
+    objective.train()
+    sums, correct, seen = {}, torch.zeros((), device=ctx.device), 0
+    bar = tqdm(total=steps * batch_size, desc=desc, unit="img", unit_scale=True, leave=False,
+               disable=None, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step, batch in enumerate(batches):
+        with ctx.autocast():
+            loss, parts, logits = objective(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() * len(batch.y)
+        correct += (logits.detach().argmax(1) == batch.y).sum()
+        seen += len(batch.y)
+        bar.update(len(batch.y))
+        if step % 50 == 49 and not bar.disable:
+            bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+    bar.close()
+    out = {f"loss/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
+    out["loss"] = sum(out.values())
+    out["train_top1"] = 100.0 * float(correct) / max(seen, 1)
+    out["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+    return out
+
+
+@torch.no_grad()
+def predict(model, split, ctx, batch_size=None, channels_last=None):
+    """Logits of `model` on every image of `split` (normalised as in training), on the device."""
+    bs = batch_size or ctx.recipe.data.eval_batch_size
+    cl = channels_last if channels_last is not None else True
+    was = model.training
+    model.eval()
+    outs = []
+    for b in iterate(split, ctx.data, bs, channels_last=cl):
+        with ctx.autocast():
+            outs.append(model(b.x).float())
+    model.train(was)
+    return torch.cat(outs)
+
+
+def evaluate(model, ctx, split=None):
+    """top-1 in percent on the whole test split (or `split`)."""
+    split = split if split is not None else ctx.data.test
+    logits = predict(model, split, ctx)
+    return 100.0 * float((logits.argmax(1) == split.y).float().mean())
+
+
+def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
+    """Train `model` with `objective` for ``spec.epochs`` (a TrainingSpec): optimizer,
+    schedule, augmentation, progress and logging. Stages wrap this; they never copy it.
+
+    `on_epoch_start(epoch)` lets a stage change phase (e.g. QAT freezes observers).
+    Returns the per-epoch metric dicts.
+    """
+    params = list(model.parameters()) + list(objective.parameters())
+    optimizer = build_optimizer(spec, params)
+    data = ctx.data.train
+    steps = num_batches(len(data), spec.batch_size, drop_last=True)
+    scheduler = build_scheduler(spec, optimizer, steps * spec.epochs)
+    gen = ctx.generator(salt=zlib.crc32(name.encode()))
+    history = []
+    for epoch in range(spec.epochs):
+        if on_epoch_start:
+            on_epoch_start(epoch)
+        batches = iterate(data, ctx.data, spec.batch_size, shuffle=True, augment=spec.augment,
+                          generator=gen, channels_last=True, drop_last=True)
+        m = train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, steps=steps,
+                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size)
+        m["lr"] = optimizer.param_groups[0]["lr"]
+        history.append(m)
+        if ctx.logger:
+            ctx.logger.epoch(name, epoch, m)
+    return history
+
+

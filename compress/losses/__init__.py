@@ -1,0 +1,143 @@
+"""Loss-term registry and the objective: a weighted list of named terms.
+
+A term is one file: a pure function with the math (unit-testable against hand-computed
+values), a config class, and an ``nn.Module`` whose forward takes what it needs:
+``forward(student: Outputs, teacher: Outputs | None, batch) -> Tensor``. Features come
+from forward hooks on the module paths the term declares. Adding a term is one new
+file plus its ``@LOSSES.register`` entry; the training loop never names a method.
+"""
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..config import Spec
+from ..hooks import FeatureTaps
+from ..registry import Registry
+
+LOSSES = Registry("loss term")
+
+
+class TermSpec(Spec):
+    """Fields every loss term has. `term` selects the registry entry."""
+
+    term: str
+    weight: float = Field(1.0, ge=0)
+
+
+@dataclass
+class Outputs:
+    logits: torch.Tensor
+    features: dict = field(default_factory=dict)
+
+
+class LossTerm(nn.Module):
+    """Base of loss terms. Subclasses set `spec_cls` and implement `forward`."""
+
+    spec_cls = TermSpec
+    uses_teacher = False
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+
+    def student_layers(self):
+        return []
+
+    def teacher_layers(self):
+        return []
+
+    def setup(self, student_shapes, teacher_shapes):
+        """Build adapters from feature shapes measured by one dummy forward."""
+
+    def forward(self, student, teacher, batch):
+        raise NotImplementedError
+
+
+def register(name):
+    """Register a LossTerm subclass under `name` (the YAML `term:` value)."""
+    return LOSSES.register(name)
+
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+
+def term_spec_type():
+    """The discriminated union of every registered term's config (for stage configs)."""
+    from typing import Annotated, Union
+
+    classes = tuple(LOSSES[n].spec_cls for n in sorted(LOSSES))
+    return Annotated[Union[classes], Field(discriminator="term")]
+
+
+class Objective(nn.Module):
+    """Sum of weighted loss terms over student (and optional frozen teacher) outputs.
+
+    Teacher logits come from a per-run cache when every term needs only logits and the
+    batch transform is deterministic; otherwise the teacher runs on each batch.
+    """
+
+    def __init__(self, specs, student, teacher=None, *, sample=None, teacher_logits=None):
+        super().__init__()
+        self.names = []
+        terms = {}
+        for s in specs:
+            name = s.term if s.term not in terms else f"{s.term}_{len(terms)}"
+            terms[name] = LOSSES[s.term](s)
+            self.names.append(name)
+        self.terms = nn.ModuleDict(terms)
+        self.weights = {n: s.weight for n, s in zip(self.names, specs)}
+        self.teacher = teacher
+        self.teacher_logits = teacher_logits
+        s_paths = [p for t in terms.values() for p in t.student_layers()]
+        t_paths = [p for t in terms.values() for p in t.teacher_layers()]
+        self.s_taps = FeatureTaps(student, s_paths, "student_layer")
+        self.t_taps = FeatureTaps(teacher.module, t_paths, "teacher_layer") if teacher is not None else None
+        if sample is not None and (s_paths or t_paths):
+            s_shapes, t_shapes = self._measure(student, sample)
+            for t in terms.values():
+                t.setup(s_shapes, t_shapes)
+
+    @property
+    def needs_teacher(self):
+        return any(t.uses_teacher for t in self.terms.values())
+
+    @property
+    def teacher_features_needed(self):
+        return bool(self.t_taps and self.t_taps.paths)
+
+    @torch.no_grad()
+    def _measure(self, student, sample):
+        was = student.training
+        student.eval()
+        with self.s_taps.attached():
+            student(sample)
+        s_shapes = {p: tuple(f.shape[1:]) for p, f in self.s_taps.features.items()}
+        t_shapes = {}
+        if self.t_taps is not None and self.t_taps.paths:
+            with self.t_taps.attached():
+                self.teacher(sample)
+            t_shapes = {p: tuple(f.shape[1:]) for p, f in self.t_taps.features.items()}
+        student.train(was)
+        return s_shapes, t_shapes
+
+    def forward(self, model, batch):
+        with self.s_taps.attached():
+            logits = model(batch.x)
+        student = Outputs(logits, dict(self.s_taps.features))
+        teacher = None
+        if self.needs_teacher:
+            if self.teacher_logits is not None and not self.teacher_features_needed:
+                teacher = Outputs(self.teacher_logits[batch.index])
+            else:
+                with self.t_taps.attached():
+                    t_logits = self.teacher(batch.x)
+                teacher = Outputs(t_logits, dict(self.t_taps.features))
+        parts = {n: self.weights[n] * self.terms[n](student, teacher, batch).float() for n in self.names}
+        return sum(parts.values()), parts, logits

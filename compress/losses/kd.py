@@ -1,0 +1,44 @@
+"""Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531)."""
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from . import LossTerm, TermSpec, register
+
+
+def kd_loss(student_logits, teacher_logits, T=4.0, alpha=1.0, target=None):
+    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, target).
+
+    KL is averaged over the batch (``batchmean``); the T^2 factor keeps the soft-target
+    gradients on the scale of the hard-target ones (Hinton et al. 2015, sec. 2).
+
+    >>> kd_loss(torch.zeros(2, 3), torch.zeros(2, 3))
+    tensor(0.)
+    """
+    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    loss = alpha * T * T * kl
+    if alpha < 1:
+        loss = loss + (1 - alpha) * F.cross_entropy(student_logits.float(), target)
+    return loss
+
+
+class KDSpec(TermSpec):
+    term: Literal["kd"] = "kd"
+    T: float = Field(4.0, gt=0, description="softmax temperature")
+    alpha: float = Field(1.0, ge=0, le=1, description="weight of the soft term; 1 - alpha goes to CE")
+
+
+@register("kd")
+class KD(LossTerm):
+    """Hinton KD: temperature T, weight alpha, T^2 scaling."""
+
+    spec_cls = KDSpec
+    uses_teacher = True
+
+    def forward(self, student, teacher, batch):
+        return kd_loss(student.logits, teacher.logits, self.spec.T, self.spec.alpha, batch.y)

@@ -1,0 +1,305 @@
+"""ONNX export and onnxruntime checks.
+
+An exported file takes float32 NCHW images in [0, 1] at native size (input "images",
+dynamic batch axis), normalizes them inside the graph and returns float "logits". Every
+number a report quotes about a file is measured here, with onnxruntime running it.
+"""
+
+import contextlib
+import copy
+import io
+import itertools
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .errors import CompressError
+
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# Metadata key recording the normalization the graph applies itself, as JSON
+# {"mean": [...], "std": [...]}; the check functions read it to mirror the graph.
+NORMALIZATION_KEY = "normalization"
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: the graph takes raw [0, 1] images, so callers need
+    not know the training normalization."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise CompressError(f"normalization: need equal-length mean and positive std, "
+                                f"got mean={list(mean)} std={list(std)}")
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints, warnings and logging."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _strip(proto: onnx.ModelProto) -> None:
+    """Drop what the dynamo exporter adds for debugging (per-node stack traces and FX
+    names, intermediate value_info, doc strings): 40% of a small INT8 file."""
+    graphs = [proto.graph] + [f for f in proto.functions]
+    for g in graphs:
+        if isinstance(g, onnx.GraphProto):
+            g.ClearField("value_info")
+        for node in g.node:
+            node.ClearField("metadata_props")
+            node.doc_string = ""
+        g.doc_string = ""
+        g.ClearField("metadata_props")
+    proto.doc_string = ""
+
+
+def _atomic_write(data: bytes, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
+                mean: Sequence[float], std: Sequence[float], metadata: dict[str, str],
+                opset: int = 20) -> None:
+    """Export ``Normalize(mean, std) -> model`` to one self-contained ONNX file with a
+    dynamic batch axis, input "images" (float32 [0, 1], shape (N, *input_shape)) and
+    output "logits"; model-level ``metadata_props`` from `metadata`. Works for float
+    models and for ``quant.to_int8_module`` output (a QDQ graph). Written atomically.
+
+    >>> from compress.models import VGG
+    >>> export_onnx(VGG([8], in_channels=1), "/tmp/m.onnx", input_shape=(1, 28, 28),
+    ...             mean=[0.286], std=[0.353], metadata={"recipe": "demo"})
+    """
+    path = Path(path)
+    bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
+    if bad:
+        raise CompressError(f"ONNX metadata must map str to str, got {bad!r}"[:300])
+    if len(input_shape) != 3 or len(mean) != input_shape[0]:
+        raise CompressError(f"input_shape must be (C, H, W) with C = len(mean), got "
+                            f"{tuple(input_shape)} and {len(mean)} mean values")
+    # An NCHW-contiguous float32 CPU copy: channels_last weights export extra
+    # Shape/Range/Gather nodes. float() leaves the INT8 module's integer buffers alone.
+    net = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
+    wrapped = Normalized(net, mean, std).eval()
+    # Batch 2, not 1: torch.export specializes a dimension whose example size is 0 or 1.
+    example = torch.rand(2, *input_shape)
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                wrapped, (example,), dynamo=True, external_data=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,
+                dynamic_shapes=({0: torch.export.Dim("batch")},))
+            proto = program.model_proto
+    except Exception as e:  # the exporter raises many types; the user needs one line
+        raise CompressError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from e
+    _strip(proto)
+    onnx.helper.set_model_props(proto, {
+        **metadata,
+        NORMALIZATION_KEY: json.dumps({"mean": [float(v) for v in mean],
+                                       "std": [float(v) for v in std]})})
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:
+        raise CompressError(f"exported ONNX model is invalid: {_one_line(e)}") from e
+    _atomic_write(proto.SerializeToString(), path)
+
+
+# ---- onnxruntime -----------------------------------------------------------------------
+
+
+def _session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3  # errors only; ORT warns about every unused initializer
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+def ort_session(path, threads: int | None = None) -> ort.InferenceSession:
+    """CPU onnxruntime session with all graph optimizations (integer-kernel fusion).
+
+    >>> sess = ort_session("model.onnx", threads=2)  # doctest: +SKIP
+    """
+    try:
+        return ort.InferenceSession(str(path), _session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise CompressError(f"onnxruntime cannot load {path}: {_one_line(e)}") from e
+
+
+def _as_images(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    if x.ndim != 4:
+        raise CompressError(f"images must be NCHW, got shape {tuple(x.shape)}")
+    return x
+
+
+def ort_logits(path_or_session, images, batch_size: int = 1024) -> np.ndarray:
+    """Logits (N, classes) that onnxruntime computes for float32 [0, 1] NCHW `images`.
+
+    >>> ort_logits("model.onnx", torch.rand(8, 1, 28, 28)).shape  # doctest: +SKIP
+    (8, 10)
+    """
+    sess = (path_or_session if isinstance(path_or_session, ort.InferenceSession)
+            else ort_session(path_or_session))
+    x = _as_images(images)
+    name = sess.get_inputs()[0].name
+    try:
+        outs = [sess.run(None, {name: x[i:i + batch_size]})[0]
+                for i in range(0, len(x), batch_size)]
+    except Exception as e:
+        raise CompressError(f"onnxruntime inference failed: {_one_line(e)}") from e
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def ort_latency_ms(path, batch: int, *, warmup: int = 5, runs: int = 30,
+                   threads: int | None = None) -> dict:
+    """Wall-clock milliseconds per call of one `batch` of random images:
+    ``{"median": ms, "p90": ms}``.
+
+    >>> ort_latency_ms("model.onnx", 1, threads=2)  # doctest: +SKIP
+    {'median': 0.21, 'p90': 0.25}
+    """
+    sess = ort_session(path, threads)
+    inp = sess.get_inputs()[0]
+    chw = inp.shape[1:]
+    if not all(isinstance(d, int) for d in chw):
+        raise CompressError(f"{path}: input shape {inp.shape} is not fixed beyond the batch axis")
+    x = np.random.default_rng(0).random((batch, *chw), dtype=np.float32)
+    for _ in range(warmup):
+        sess.run(None, {inp.name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {inp.name: x})
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}
+
+
+def int8_kernels(path) -> list[str]:
+    """Op types onnxruntime runs after graph optimization, in graph order, each once
+    (e.g. QLinearConv where the QDQ pattern was fused into an integer kernel).
+
+    >>> "QLinearConv" in int8_kernels("student_int8.onnx")  # doctest: +SKIP
+    True
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        so = _session_options(None)
+        so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        try:
+            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise CompressError(f"onnxruntime cannot load {path}: {_one_line(e)}") from e
+        graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+    return list(dict.fromkeys(node.op_type for node in graph.node))
+
+
+def _normalization(path) -> tuple[list[float], list[float]]:
+    """(mean, std) that `path`'s graph applies, from the metadata export_onnx writes."""
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        norm = json.loads(props[NORMALIZATION_KEY])
+        return [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise CompressError(f"{path}: no '{NORMALIZATION_KEY}' metadata; was it written by "
+                            f"export_onnx? ({_one_line(e)})") from e
+
+
+@torch.no_grad()
+def _torch_logits(model: nn.Module, images, mean, std) -> np.ndarray:
+    """Logits of `model` in eval mode (its mode is restored) behind the same
+    normalization as the graph."""
+    was_training = model.training
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    x = torch.from_numpy(_as_images(images)).to(device)
+    try:
+        out = Normalized(model.eval(), mean, std).to(device)(x)
+    finally:
+        model.train(was_training)
+    return out.float().cpu().numpy()
+
+
+def check_fp32_parity(path, model: nn.Module, images, atol: float = 1e-4) -> float:
+    """Max |onnxruntime - torch| logit difference of a float export on `images`
+    (float32 [0, 1]; `model` is the torch model without normalization). Raises
+    CompressError above `atol`.
+
+    >>> check_fp32_parity("model.onnx", model, torch.rand(64, 1, 28, 28))  # doctest: +SKIP
+    3.1e-06
+    """
+    mean, std = _normalization(path)
+    ref = _torch_logits(model, images, mean, std)
+    got = ort_logits(path, images)
+    if got.shape != ref.shape:
+        raise CompressError(f"{path}: onnxruntime logits have shape {got.shape}, "
+                            f"torch {ref.shape}")
+    err = float(np.abs(got - ref).max()) if ref.size else 0.0
+    if not err <= atol:  # also catches NaN
+        raise CompressError(f"{path}: onnxruntime logits differ from torch by {err:.3g} "
+                            f"(> {atol:g}); the export does not match the model")
+    return err
+
+
+def check_int8_agreement(path, qmodel: nn.Module, images, min_agreement: float = 0.99) -> float:
+    """Fraction of `images` (float32 [0, 1]) on which the INT8 file's top-1 class equals
+    the eval-mode fake-quant `qmodel`'s. Raises CompressError below `min_agreement`.
+
+    >>> check_int8_agreement("model_int8.onnx", qmodel, test_images[:256])  # doctest: +SKIP
+    1.0
+    """
+    mean, std = _normalization(path)
+    ref = _torch_logits(qmodel, images, mean, std)
+    got = ort_logits(path, images)
+    if got.shape != ref.shape or not len(ref):
+        raise CompressError(f"{path}: onnxruntime logits have shape {got.shape}, "
+                            f"torch {ref.shape}")
+    agreement = float((got.argmax(1) == ref.argmax(1)).mean())
+    if agreement < min_agreement:
+        raise CompressError(f"{path}: INT8 top-1 agrees with the fake-quant model on only "
+                            f"{agreement:.2%} of {len(ref)} images (< {min_agreement:.2%})")
+    return agreement

@@ -1,0 +1,203 @@
+"""Walks a recipe's stages in order, reusing each stored stage whose content hash (config +
+inputs) is unchanged, and writes the report. Nothing else decides the order."""
+
+import json
+import os
+import platform
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
+from .data import load_data
+from .engine import RunContext
+from .errors import CompressError
+from .hooks import resolve
+from .losses import LOSSES
+from .report import write_report
+from .stages import STAGES, StageResult, new_model, prepare
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CompressError("--device cuda: CUDA is not available on this machine; valid: auto, cpu")
+    return torch.device(name)
+
+
+def _stage_dir(run_dir, name):
+    return Path(run_dir) / "stages" / name
+
+
+def _lookup(stage, key, run_dir, ctx, workdir):
+    """The stored result of `stage` if its key matches and every file is intact, else None."""
+    d = _stage_dir(run_dir, stage.name)
+    meta_path = d / "result.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        stored_key = meta["key"]
+    except (OSError, ValueError, KeyError):
+        print(f"  stored result of '{stage.name}' is unreadable ({meta_path}); recomputing")
+        return None
+    if stored_key != key:
+        return None
+    for rel, digest in meta.get("hashes", {}).items():
+        path = Path(workdir) / rel
+        if not path.is_file() or sha256(path) != digest:
+            print(f"  stored file {path} of stage '{stage.name}' is missing or corrupt; recomputing")
+            return None
+    ckpt = d / "model.pt"
+
+    def loader():
+        _, model = load_checkpoint(ckpt)
+        return prepare(model, ctx)
+
+    return StageResult(spec=meta.get("spec"), metrics=meta.get("metrics", {}), info=meta.get("info", {}),
+                       files=meta.get("files", []), seconds=meta.get("seconds", 0.0), reused=True,
+                       loader=loader if meta.get("spec") else None)
+
+
+def _store(stage, key, result, run_dir, workdir):
+    d = _stage_dir(run_dir, stage.name)
+    d.mkdir(parents=True, exist_ok=True)
+    files = list(result.files)
+    if result.model is not None:
+        save_checkpoint(d / "model.pt", result.spec, result.model)
+        files.append(str(d / "model.pt"))
+    meta = {"key": key, "kind": stage.kind, "spec": result.spec, "metrics": result.metrics,
+            "info": result.info, "files": [os.path.relpath(f, workdir) for f in result.files], "seconds": result.seconds,
+            "hashes": {os.path.relpath(f, workdir): sha256(f) for f in files}}
+    write_json(d / "result.json", meta)  # written last: its presence means the stage completed
+
+
+def _fmt_count(n):
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def summary_line(i, n, stage, r):
+    m = r.metrics
+    bits = []
+    if "top1" in m:
+        bits.append(f"top1 {m['top1']:.2f}%")
+    if "params" in m:
+        bits.append(f"{_fmt_count(m['params'])} params, {_fmt_count(m['macs'])} MACs")
+    if "exports" in r.info:
+        bits.append(f"{len(r.info['exports'])} files")
+    state = "reused" if r.reused else f"{r.seconds:.1f} s"
+    return f"[{i + 1}/{n}] {stage.name} ({stage.kind}): {', '.join(bits)} [{state}]"
+
+
+def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
+    """Run every stage of `recipe`, reusing unchanged stored stages; returns the report dict.
+
+    >>> run_recipe(load_recipe("recipes/vgg_prune_kd.yaml"), device="cpu")
+    """
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    workdir = Path(workdir)
+    run_dir = workdir / "runs" / recipe.name
+    export_dir = workdir / "exports" / recipe.name
+    data = load_data(recipe.data).to(dev)
+    ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, seed=recipe.seed)
+    keys = {}
+    n = len(recipe.stages)
+    print(f"{recipe.name}: {n} stages on {dev} ({data.name}: {len(data.train)} train / "
+          f"{len(data.test)} test images, {data.input_shape})")
+    for i, stage in enumerate(recipe.stages):
+        upstream = {ref: keys[ref] for _, ref in stage.stage_refs()}
+        key = keys[stage.name] = recipe.stage_key(i, upstream)
+        result = None if fresh else _lookup(stage, key, run_dir, ctx, workdir)
+        if result is None:
+            ctx.stage_dir = _stage_dir(run_dir, stage.name)
+            torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(stage.name.encode()))
+            t0 = time.perf_counter()
+            result = STAGES[stage.kind].run(stage, ctx)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            result.seconds = round(time.perf_counter() - t0, 2)
+            _store(stage, key, result, run_dir, workdir)
+        ctx.results[stage.name] = result
+        print(summary_line(i, n, stage, result), flush=True)
+    wall = time.perf_counter() - t_start
+    report = build_report(recipe, ctx, wall)
+    write_report(report, export_dir)
+    print(f"report: {export_dir / 'report.md'} ({wall:.1f} s)")
+    return report
+
+
+def build_report(recipe, ctx, wall):
+    data = ctx.data
+    stages, exports = [], []
+    for s in recipe.stages:
+        r = ctx.results[s.name]
+        m = r.metrics
+        row = {"name": s.name, "kind": s.kind, "top1": m.get("top1"), "params": m.get("params"),
+               "macs": m.get("macs"), "seconds": r.seconds, "reused": r.reused}
+        for k in ("params_before", "macs_before"):
+            if k in m:
+                row[k] = m[k]
+        if "ratio" in r.info:
+            row["prune_ratio"] = r.info["ratio"]
+        stages.append(row)
+        exports += r.info.get("exports", [])
+    return {
+        "recipe": recipe.name,
+        "data": {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
+                 "train_images": len(data.train), "test_images": len(data.test)},
+        "stages": stages,
+        "exports": exports,
+        "total_seconds": round(sum(s["seconds"] for s in stages), 2),
+        "wall_seconds": round(wall, 2),
+        "reference": _reference(recipe),
+        "lineage": {s.name: getattr(s, "from_", None) for s in recipe.stages},
+        "environment": {"device": str(ctx.device), "torch": torch.__version__,
+                        "onnxruntime": __import__("onnxruntime").__version__,
+                        "cpu": platform.processor() or platform.machine(),
+                        "threads": torch.get_num_threads()},
+    }
+
+
+def _reference(recipe):
+    """The teacher: the first stage some distill/qat stage learns from, else the first stage."""
+    for s in recipe.stages:
+        if getattr(s, "teacher", None):
+            return s.teacher
+    return recipe.stages[0].name
+
+
+def validate_recipe(recipe):
+    """Check what can be checked without training: data, models, stage references and the
+    layer paths loss terms tap (resolved on each stage's model skeleton). Returns plan lines."""
+    data = load_data(recipe.data)
+    shape, ncls = data.input_shape, data.num_classes
+
+    def build(name):
+        return new_model(recipe, name, shape[0], ncls)[0]
+
+    skeletons, lines = {}, []
+    for i, s in enumerate(recipe.stages):
+        skel = STAGES[s.kind].plan(s, skeletons, build)
+        if skel is not None:
+            skeletons[s.name] = skel
+        for j, t in enumerate(getattr(s, "loss", []) or []):
+            term = LOSSES[t.term](t)
+            for role, paths, model in (("student_layer", term.student_layers(), skel),
+                                       ("teacher_layer", term.teacher_layers(),
+                                        skeletons.get(getattr(s, "teacher", None)))):
+                for p in paths:
+                    if model is None:
+                        raise CompressError(f"stages[{i}].loss[{j}].{role}: stage has no teacher")
+                    resolve(model, p, f"stages[{i}].loss[{j}].{role}")
+        refs = ", ".join(f"{'from' if f == 'from_' else f}={r}" for f, r in s.stage_refs() + s.model_refs())
+        lines.append(f"  {i + 1}. {s.name} ({s.kind}){': ' + refs if refs else ''}")
+    head = (f"{recipe.name}: valid; data {data.name} {len(data.train)}/{len(data.test)} images "
+            f"{tuple(shape)}, {ncls} classes from {data.source}")
+    return [head, *lines]

@@ -1,0 +1,145 @@
+"""Stage registry: one file per stage kind, each exposing ``run(cfg, ctx) -> StageResult``
+and ``plan(cfg, inputs, build) -> skeleton model`` (used by ``compress validate``)."""
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..registry import Registry
+
+STAGES = Registry("stage kind")
+
+
+@dataclass(frozen=True)
+class StageKind:
+    spec: type            # the pydantic config class
+    run: Callable         # run(cfg, ctx) -> StageResult
+    plan: Callable        # plan(cfg, inputs, build) -> nn.Module | None
+    makes_model: bool = True
+
+
+def register(name, spec, plan, makes_model=True):
+    def deco(run):
+        STAGES.register(name)(StageKind(spec, run, plan, makes_model))
+        return run
+    return deco
+
+
+@dataclass
+class StageResult:
+    """What a stage produced. `model` is loaded lazily when the result was reused."""
+
+    spec: Optional[dict] = None              # architecture spec that rebuilds the model
+    metrics: dict = field(default_factory=dict)   # top1 (%), params, macs, ...
+    info: dict = field(default_factory=dict)      # stage-specific facts (widths, exports)
+    files: list = field(default_factory=list)     # files written outside the checkpoint
+    model: object = None
+    loader: Optional[Callable] = None
+    seconds: float = 0.0
+    reused: bool = False
+
+    def get_model(self):
+        if self.model is None and self.loader is not None:
+            self.model = self.loader()
+        return self.model
+
+
+def model_cost(model, input_shape):
+    """(params, MACs) of a float model, counted by torch-pruning on one image."""
+    import copy
+
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model).float().cpu().eval()
+    macs, params = tp.utils.count_ops_and_params(m, torch.zeros(1, *input_shape))
+    return int(params), int(macs)
+
+
+def describe(model, ctx, cost_model=None):
+    """Metrics every model-producing stage reports: top1 on the whole test set, params, MACs."""
+    from ..engine import evaluate
+
+    params, macs = model_cost(cost_model if cost_model is not None else model, ctx.data.input_shape)
+    return {"top1": round(evaluate(model, ctx), 2), "params": params, "macs": macs}
+
+
+
+def new_model(recipe, name, in_channels, num_classes):
+    """(model, spec) for the recipe's `models.<name>` entry, sized for the data."""
+    import inspect
+
+    from ..errors import CompressError
+    from ..models import MODELS, build_model, make_spec, validate_cfg
+
+    d = recipe.models[name]
+    factory = MODELS.get_or_fail(d.arch, f"models.{name}.arch")
+    allowed = set(inspect.signature(factory).parameters)
+    for k in d.args:
+        if k not in allowed or k in ("in_channels", "num_classes"):
+            valid = sorted(allowed - {"in_channels", "num_classes"})
+            raise CompressError(f"models.{name}.args.{k}: unknown argument of {d.arch}; valid: {', '.join(valid)}"
+                                " (in_channels and num_classes come from the data)")
+    if "cfg" in d.args and d.args["cfg"] is not None and (why := validate_cfg(d.args["cfg"])):
+        raise CompressError(f"models.{name}.args.cfg: {why}")
+    if "width" in d.args and not (isinstance(d.args["width"], (int, float)) and d.args["width"] > 0):
+        raise CompressError(f"models.{name}.args.width: must be a positive number, got {d.args['width']!r}")
+    args = {**d.args, "in_channels": in_channels, "num_classes": num_classes}
+    spec = {"arch": d.arch, "args": args}
+    return build_model(spec), make_spec(d.arch, args)
+
+
+def input_model(cfg, ctx, build_fresh=True):
+    """(model, spec) a stage starts from: a copy of stage `from`'s model, or a fresh
+    `model` from the recipe's models section."""
+    import copy
+
+    from ..models import make_spec
+
+    if getattr(cfg, "from_", None):
+        src = ctx.results[cfg.from_]
+        return copy.deepcopy(src.get_model()), copy.deepcopy(src.spec)
+    model, spec = new_model(ctx.recipe, cfg.model, ctx.data.input_shape[0], ctx.data.num_classes)
+    return model, spec
+
+
+def plan_student(cfg, inputs, build):
+    """Skeleton of a stage that keeps its input's structure (train, distill, prune)."""
+    import copy
+
+    if getattr(cfg, "from_", None):
+        return copy.deepcopy(inputs[cfg.from_])
+    return build(cfg.model)
+
+
+def prepare(model, ctx):
+    """Move a model to the device in channels_last (faster convs on CPU and GPU)."""
+    return model.to(ctx.device).to(memory_format=torch.channels_last)
+
+
+def teacher_of(cfg, ctx):
+    from ..engine import Frozen
+
+    if not getattr(cfg, "teacher", None):
+        return None
+    return prepare(Frozen(ctx.results[cfg.teacher].get_model()), ctx)
+
+
+def teacher_logits(ctx, teacher_name, teacher, augment):
+    """Teacher logits for every training image, computed once per run and cached — only
+    valid when the batch transform is deterministic (no augmentation)."""
+    from ..engine import predict
+
+    if not augment.deterministic:
+        return None
+    key = ("teacher_logits", teacher_name)
+    if key not in ctx.cache:
+        ctx.cache[key] = predict(teacher, ctx.data.train, ctx)
+    return ctx.cache[key]
+
+
+# Import every stage file so its @register runs (after the helpers above exist).
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")

@@ -1,0 +1,105 @@
+"""`export`: ONNX files of earlier stages' models, each verified in onnxruntime.
+
+FP32 files must match PyTorch's logits within 1e-4; INT8 files must agree with the
+fake-quant model's top-1 on >= 99% of the test set. Every number in the report is
+measured on the exported file: top-1 by onnxruntime on the whole test set, latency by
+onnxruntime on the CPU.
+"""
+
+import copy
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..config import Spec, StageSpec
+from ..data import iterate
+from ..engine import predict
+from ..errors import CompressError
+from ..onnx_io import (check_fp32_parity, check_int8_agreement, export_onnx, ort_latency_ms,
+                       ort_logits)
+from ..quant import QuantSpec, calibrate, is_quantized, quantize_model, to_int8_module
+from . import StageResult, register
+
+
+class ExportItem(Spec):
+    model: str = Field(description="the stage whose model to export")
+    format: Literal["onnx-fp32", "onnx-int8"] = "onnx-fp32"
+
+
+class ExportStage(StageSpec):
+    kind: Literal["export"] = "export"
+    models: list[ExportItem] = Field(min_length=1)
+    latency_runs: int = Field(50, ge=1, description="timed runs per batch size (median reported)")
+    calibration_batches: int = Field(16, ge=1, description="for onnx-int8 of a float model (post-training)")
+    fp32_atol: float = Field(1e-4, gt=0)
+    int8_min_agreement: float = Field(0.99, gt=0, le=1)
+
+    def stage_refs(self):
+        return [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
+
+
+def _images01(split):
+    """Test images as float32 in [0, 1], NCHW, on the CPU: what the ONNX graph takes."""
+    return split.x.cpu().float().div_(255)
+
+
+def _int8_source(model, ctx, cfg, qspec=None):
+    """A fake-quant model for INT8 export: the QAT model itself, or post-training
+    quantization (BN folded, observers calibrated on training batches) of a float model."""
+    if is_quantized(model):
+        return model
+    q = quantize_model(copy.deepcopy(model).float().cpu(), qspec or QuantSpec()).to(ctx.device)
+    batches = iterate(ctx.data.train, ctx.data, 256, channels_last=True)
+    calibrate(q, (b.x for _, b in zip(range(cfg.calibration_batches), batches)))
+    return q
+
+
+@register("export", ExportStage, lambda cfg, inputs, build: None, makes_model=False)
+def run(cfg, ctx):
+    """Write, check and measure one ONNX file per `models` entry.
+
+    >>> # {name: export, kind: export, models: [{model: qat, format: onnx-int8}]}
+    """
+    out_dir = Path(ctx.export_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = ctx.data
+    images = _images01(data.test)
+    labels = data.test.y.cpu().numpy()
+    meta = {"class_names": json.dumps(data.classes), "input_shape": json.dumps([None, *data.input_shape]),
+            "recipe": ctx.recipe.name, "dataset": data.name}
+    exports, files = [], []
+    for item in cfg.models:
+        model = ctx.results[item.model].get_model().eval()
+        fmt = item.format
+        path = out_dir / f"{item.model}-{fmt.removeprefix('onnx-')}.onnx"
+        check = {}
+        if fmt == "onnx-fp32":
+            if is_quantized(model):
+                raise CompressError(f"stages.{cfg.name}.models: stage '{item.model}' holds a quantized model; "
+                                    "export it as onnx-int8")
+            cpu_model = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)
+            export_onnx(cpu_model, path, input_shape=data.input_shape, mean=data.mean, std=data.std,
+                        metadata={**meta, "stage": item.model, "format": fmt})
+            check["max_abs_diff"] = float(check_fp32_parity(path, cpu_model, images[:512], atol=cfg.fp32_atol))
+        else:
+            qmodel = _int8_source(model, ctx, cfg)
+            int8 = to_int8_module(copy.deepcopy(qmodel).cpu())
+            export_onnx(int8, path, input_shape=data.input_shape, mean=data.mean, std=data.std,
+                        metadata={**meta, "stage": item.model, "format": fmt})
+            check["top1_agreement"] = float(check_int8_agreement(
+                path, copy.deepcopy(qmodel).cpu(), images, min_agreement=cfg.int8_min_agreement))
+            if not is_quantized(model):
+                check["post_training"] = True
+        logits = ort_logits(path, images)
+        top1 = 100.0 * float((logits.argmax(1) == labels).mean())
+        lat = {f"b{b}": round(ort_latency_ms(path, b, runs=cfg.latency_runs)["median"], 3) for b in (1, 64)}
+        rel = path.relative_to(out_dir).as_posix()
+        exports.append({"model": item.model, "format": fmt, "path": rel, "bytes": path.stat().st_size,
+                        "top1": round(top1, 2), "latency_ms": lat, "check": check})
+        files.append(str(path))
+        print(f"  {rel}: {path.stat().st_size / 1024:.1f} KB, top1 {top1:.2f}%, "
+              f"b1 {lat['b1']:.3f} ms, b64 {lat['b64']:.3f} ms, {check}")
+    return StageResult(info={"exports": exports}, files=files)

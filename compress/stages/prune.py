@@ -1,0 +1,124 @@
+"""`prune`: structured channel pruning, a thin layer over torch-pruning's BasePruner."""
+
+import copy
+from typing import Literal, Optional
+
+import torch
+import torch_pruning as tp
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..config import StageSpec
+from ..errors import CompressError
+from ..hooks import resolve
+from ..models import layer_shapes, make_spec
+from ..registry import Registry
+from . import StageResult, describe, model_cost, plan_student, prepare, register
+
+IMPORTANCES = Registry("importance criterion")
+# Classic per-filter L1 (Li et al. 2017, "Pruning Filters for Efficient ConvNets"): each
+# filter ranked by the L1 norm of its own weights, no normalisation across layers.
+IMPORTANCES.register("l1")(lambda: tp.importance.MagnitudeImportance(p=1, normalizer=None,
+                                                                     group_reduction="first"))
+IMPORTANCES.register("l2")(lambda: tp.importance.MagnitudeImportance(p=2, normalizer=None,
+                                                                     group_reduction="first"))
+# torch-pruning's default: L1 summed over the whole dependency group, mean-normalised.
+IMPORTANCES.register("group_l1")(lambda: tp.importance.MagnitudeImportance(p=1))
+# Network slimming (Liu et al. 2017): |gamma| of the BatchNorm after each conv.
+IMPORTANCES.register("bn_scale")(lambda: tp.importance.BNScaleImportance())
+IMPORTANCES.register("random")(lambda: tp.importance.RandomImportance())
+
+
+class PruneStage(StageSpec):
+    kind: Literal["prune"] = "prune"
+    from_: str = Field(alias="from")
+    ratio: Optional[float] = Field(None, gt=0, lt=1, description="fraction of channels removed per layer")
+    target_macs: Optional[float] = Field(None, gt=0, lt=1, description="fraction of the input's MACs to keep")
+    importance: str = "l1"
+    global_: bool = Field(False, alias="global", description="rank channels across layers")
+    steps: int = Field(1, ge=1, description="iterative pruning steps (torch-pruning iterative_steps)")
+    ignore: list[str] = Field([], description="module paths left whole, besides the classifier")
+    round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if (self.ratio is None) == (self.target_macs is None):
+            raise ValueError("give exactly one of `ratio` or `target_macs`")
+        if self.importance not in IMPORTANCES:
+            from ..errors import unknown
+
+            raise ValueError(f"importance: {unknown('importance criterion', self.importance, IMPORTANCES)}")
+        return self
+
+
+def classifier_layers(model, num_classes):
+    """The layers whose outputs are the logits: left whole so the class count survives."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and getattr(m, "out_features", getattr(m, "out_channels", None)) == num_classes][-1:]
+
+
+def prune_model(model, cfg, input_shape, num_classes, ratio):
+    """Prune `model` in place with torch-pruning; returns it."""
+    example = torch.zeros(1, *input_shape)
+    ignored = classifier_layers(model, num_classes) + [resolve(model, p, "ignore") for p in cfg.ignore]
+    pruner = tp.pruner.BasePruner(
+        model, example, importance=IMPORTANCES[cfg.importance](), global_pruning=cfg.global_,
+        pruning_ratio=ratio, iterative_steps=cfg.steps, ignored_layers=ignored, round_to=cfg.round_to)
+    for _ in range(cfg.steps):
+        pruner.step()
+    return model
+
+
+def ratio_for_macs(model, cfg, input_shape, num_classes, target):
+    """Smallest per-layer ratio whose pruned model keeps <= `target` x the MACs (bisection:
+    torch-pruning has no MACs target of its own; importance is deterministic)."""
+    _, base = model_cost(model, input_shape)
+    lo, hi = 0.0, 0.99
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        trial = prune_model(copy.deepcopy(model), cfg, input_shape, num_classes, mid)
+        if model_cost(trial, input_shape)[1] <= target * base:
+            hi = mid
+        else:
+            lo = mid
+    trial = prune_model(copy.deepcopy(model), cfg, input_shape, num_classes, hi)
+    got = model_cost(trial, input_shape)[1] / base
+    if got > target * 1.001:
+        raise CompressError(f"stages.{cfg.name}.target_macs: {target} not reachable with importance "
+                            f"'{cfg.importance}'{' and global ranking' if cfg.global_ else ''} "
+                            f"(best {got:.3f} at ratio {hi:.2f}); use `ratio`, or global: false")
+    return hi
+
+
+def _plan(cfg, inputs, build):
+    return plan_student(cfg, inputs, build)
+
+
+@register("prune", PruneStage, _plan)
+def run(cfg, ctx):
+    """Remove the least important channels of stage `from`'s model.
+
+    >>> # {name: prune, kind: prune, from: teacher, ratio: 0.7}
+    """
+    src = ctx.results[cfg.from_]
+    model = copy.deepcopy(src.get_model()).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    shape, ncls = ctx.data.input_shape, ctx.data.num_classes
+    before = layer_shapes(model)
+    params0, macs0 = model_cost(model, shape)
+    ratio = cfg.ratio if cfg.ratio is not None else ratio_for_macs(model, cfg, shape, ncls, cfg.target_macs)
+    try:
+        prune_model(model, cfg, shape, ncls, ratio)
+    except CompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch-pruning errors become one line
+        raise CompressError(f"stages.{cfg.name}: torch-pruning failed: {type(e).__name__}: {e}") from None
+    after = layer_shapes(model)
+    widths = {p: [before[p]["out_channels"], s["out_channels"]] for p, s in after.items()
+              if "out_channels" in s and s != before[p]}
+    model = prepare(model, ctx)
+    metrics = describe(model, ctx)
+    metrics.update({"params_before": params0, "macs_before": macs0,
+                    "params_ratio": round(metrics["params"] / params0, 4),
+                    "macs_ratio": round(metrics["macs"] / macs0, 4)})
+    return StageResult(spec=make_spec(src.spec["arch"], src.spec["args"], model), model=model,
+                       metrics=metrics, info={"ratio": round(ratio, 4), "widths": widths})
