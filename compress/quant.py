@@ -18,12 +18,13 @@ dynamo ONNX exporter (see FINDINGS), hence these modules. The flow:
 """
 
 import copy
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed.*
+import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_decomposed ops
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,7 +52,9 @@ class QuantSpec:
     weight_bits: per-channel symmetric weights, qmax = 2**(bits-1)-1. 7 (+-63) by default:
         onnxruntime's U8S8 kernels on AVX2 CPUs without VNNI saturate with full 8-bit
         weights (-1.1 to -1.3 accuracy points measured, see FINDINGS); 7 bits cost nothing.
-    act_bits: per-tensor asymmetric unsigned activations, [0, 2**bits-1].
+    act_bits: per-tensor asymmetric unsigned activations, [0, 2**bits-1]. Below 8 the
+        ONNX graph is not bit-exact: QuantizeLinear saturates at 255, not 2**bits-1, so
+        values above an observed range are clipped later than in the fake-quant model.
     ema: averaging constant of the activation min/max observers (weight of the new batch).
 
     >>> QuantSpec(weight_bits=8).weight_bits
@@ -293,6 +296,11 @@ class QuantModel(nn.Sequential):
 # ---- building the QAT model ---------------------------------------------------------------
 
 
+def _device(model: nn.Module) -> torch.device:
+    t = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def _plain_sequential(m: nn.Module) -> bool:
     """A Sequential whose forward is Sequential's (VGG qualifies); an overridden forward
     could do anything between the children, so it is refused."""
@@ -366,7 +374,8 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     input_quant = ActQuant(spec.act_bits, spec.ema)
     body = _quantize_sequential(src, "", {"act": input_quant}, spec)
     q = QuantModel(OrderedDict([("input_quant", input_quant), *body.named_children()]))
-    return q.train(model.training)
+    # The new observers are created on the CPU; follow the model to its device.
+    return q.to(_device(model)).train(model.training)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -396,29 +405,33 @@ def set_qat_phase(qmodel: nn.Module, *, observers: bool, bn_stats: bool) -> None
 
 @torch.no_grad()
 def calibrate(qmodel: nn.Module, batches: Iterable[Tensor]) -> None:
-    """Post-training calibration: run `batches` with the observers updating and BN in
-    eval (folded weights), for PTQ of a model that had no QAT. Training modes and
-    observer flags are restored afterwards.
+    """Post-training calibration (PTQ of a model that had no QAT): run `batches` with BN
+    in eval (folded weights) and set every activation range to the mean of the
+    batches' min/max, whatever ``spec.ema`` and earlier ranges were. Training modes,
+    observer flags and ``ema`` are restored afterwards.
 
     >>> from compress.models import VGG
     >>> q = quantize_model(VGG([8], in_channels=1), QuantSpec())
     >>> calibrate(q, [torch.rand(16, 1, 28, 28)])
     """
-    modes = {m: (m.training, getattr(m, "_observing", None)) for m in qmodel.modules()}
+    training = {m: m.training for m in qmodel.modules()}
+    observers = {m: (m._observing, m.ema) for m in qmodel.modules() if isinstance(m, ActQuant)}
     qmodel.eval()
-    observers = [m for m in qmodel.modules() if isinstance(m, ActQuant)]
     for m in observers:
         m.train()  # ActQuant's only training-mode behaviour is observing
         m.set_observing(True)
     try:
-        device = next(qmodel.parameters()).device
-        for x in batches:
+        device = _device(qmodel)
+        for k, x in enumerate(batches):
+            for m in observers:
+                m.ema = 1.0 / (k + 1)  # running mean; batch 0 replaces the range
             qmodel(x.to(device))
     finally:
-        for m, (training, observing) in modes.items():
-            m.train(training)
-            if observing is not None:
-                m.set_observing(observing)
+        for m, was_training in training.items():
+            m.train(was_training)
+        for m, (observing, ema) in observers.items():
+            m.set_observing(observing)
+            m.ema = ema
 
 
 # ---- INT8 module for export ------------------------------------------------------------
@@ -504,6 +517,9 @@ class _Int8Weighted(nn.Module):
 
 
 class Int8Conv2d(_Int8Weighted):
+    """QConv2d with BN folded, frozen to integers: DQ(int8 W), DQ(int32 b) -> Conv
+    [-> Relu] -> Q/DQ, which onnxruntime turns into QLinearConv."""
+
     def __init__(self, q: QConv2d, out: tuple[float, int, int]):
         super().__init__(q, *q.folded_weight_bias(), out)
         c = q.conv
@@ -517,6 +533,8 @@ class Int8Conv2d(_Int8Weighted):
 
 
 class Int8Linear(_Int8Weighted):
+    """QLinear frozen to integers; onnxruntime turns the exported Gemm into QGemm."""
+
     def __init__(self, q: QLinear, out: tuple[float, int, int]):
         super().__init__(q, q.linear.weight, q.linear.bias, out)
 

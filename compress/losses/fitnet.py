@@ -10,7 +10,7 @@ from . import LossTerm, TermSpec, register
 
 def hint_loss(regressed, teacher_feature):
     """Mean squared error between the regressed student hint and the teacher's guided layer."""
-    return F.mse_loss(regressed.float(), teacher_feature.float())
+    return F.mse_loss(regressed.to(teacher_feature.dtype), teacher_feature)
 
 
 class FitNetSpec(TermSpec):

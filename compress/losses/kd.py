@@ -18,13 +18,19 @@ def kd_loss(student_logits, teacher_logits, T=4.0, alpha=1.0, target=None):
     >>> kd_loss(torch.zeros(2, 3), torch.zeros(2, 3))
     tensor(0.)
     """
-    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / T, dim=1)
+    s, t = _full(student_logits), _full(teacher_logits)
+    log_p_s = F.log_softmax(s / T, dim=1)
+    log_p_t = F.log_softmax(t / T, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     loss = alpha * T * T * kl
     if alpha < 1:
-        loss = loss + (1 - alpha) * F.cross_entropy(student_logits.float(), target)
+        loss = loss + (1 - alpha) * F.cross_entropy(s, target)
     return loss
+
+
+def _full(x):
+    """bf16/fp16 logits (autocast) in fp32 for the softmax; fp32/fp64 kept as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class KDSpec(TermSpec):
