@@ -63,9 +63,14 @@ def load_checkpoint(path):
         spec, state = ckpt["spec"], ckpt["state_dict"]
     except Exception as e:  # noqa: BLE001 - any unreadable file is one line
         raise CompressError(f"{path}: not a readable compress checkpoint ({type(e).__name__})") from None
-    model = rebuild(spec)
+    try:
+        model = rebuild(spec)
+    except CompressError as e:
+        raise CompressError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CompressError(f"{path}: malformed architecture spec ({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, AttributeError) as e:
         raise CompressError(f"{path}: weights do not fit the stored architecture ({str(e).splitlines()[0]})") from None
     return spec, model

@@ -7,8 +7,10 @@ the field, e.g. ``stages[1].ratio: must be < 1, got 1.5``.
 import copy
 import hashlib
 import json
+import re
+from types import UnionType
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import pydantic
 import yaml
@@ -20,24 +22,52 @@ from .errors import CompressError, did_you_mean, unknown
 class Spec(BaseModel):
     """Base of every config object: unknown keys refused, immutable after parsing."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True,
                               protected_namespaces=())
 
 
 # ---- error formatting ----------------------------------------------------------------
 
-def _loc_to_path(loc, prefix):
-    path = prefix
-    prev = None
-    for el in loc:
+def _walk(cls, loc, prefix):
+    """(dotted path, model class reached) for a pydantic error location, following models,
+    lists, dicts, Optional and discriminated unions (whose tag is not part of the path)."""
+    path, ann = prefix, cls
+    i = 0
+    while i < len(loc):
+        el = loc[i]
+        origin, args = get_origin(ann), get_args(ann)
+        if origin is Annotated:
+            ann = args[0]
+            continue
+        if origin in (Union, UnionType):
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            tagged = [m for m in models if any(f.default == el for f in m.model_fields.values())]
+            if tagged and len(models) > 1:
+                ann, i = tagged[0], i + 1      # the tag names the union member: not in the path
+                continue
+            ann = models[0] if len(models) == 1 else (args[0] if args[0] is not type(None) else args[-1])
+            continue
         if isinstance(el, int):
             path += f"[{el}]"
-        elif isinstance(prev, int) and isinstance(el, str) and el.startswith("tag:"):
-            pass
+            ann = args[0] if origin in (list, tuple) and args else None
         else:
             path += f".{el}" if path else str(el)
-        prev = el
-    return path
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                f = ann.model_fields.get(el) or next(
+                    (f for f in ann.model_fields.values() if f.alias == el), None)
+                ann = f.annotation if f else None
+            elif origin is dict and args:
+                ann = args[1]
+            else:
+                ann = None
+        i += 1
+    while get_origin(ann) in (Annotated, Union, UnionType):
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return path, ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _valid_keys(model_cls):
+    return [f.alias or n for n, f in model_cls.model_fields.items()] if model_cls else []
 
 
 def _short(v):
@@ -71,29 +101,6 @@ def _message(err, cls_fields):
     return f"{msg[0].lower() + msg[1:]}, got {_short(inp)}"
 
 
-def _fields_at(cls, loc):
-    """Field names (with aliases) of the model class reached by `loc`, best effort."""
-    for el in loc[:-1]:
-        if isinstance(el, int) or cls is None:
-            continue
-        f = getattr(cls, "model_fields", {}).get(el)
-        if f is None:
-            f = next((f for f in getattr(cls, "model_fields", {}).values() if f.alias == el), None)
-        ann = getattr(f, "annotation", None) if f else None
-        cls = _model_in(ann)
-    return [f.alias or n for n, f in getattr(cls, "model_fields", {}).items()] if cls else []
-
-
-def _model_in(ann):
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for a in getattr(ann, "__args__", ()) or ():
-        m = _model_in(a)
-        if m is not None:
-            return m
-    return None
-
-
 def parse(cls, data, path):
     """Validate `data` into `cls`, raising a CompressError that names the field path."""
     if not isinstance(data, dict):
@@ -102,10 +109,20 @@ def parse(cls, data, path):
         return cls.model_validate(data)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        where = _loc_to_path(err["loc"], path)
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            where, owner = _walk(cls, loc[:-1], path)
+            where = f"{where}.{loc[-1]}" if where else str(loc[-1])
+        else:
+            where, owner = _walk(cls, loc, path)[0], None
         if err["type"].startswith("union_tag"):
             where += "." + str((err.get("ctx") or {}).get("discriminator", "")).strip("'")
-        raise CompressError(f"{where}: {_message(err, _fields_at(cls, err['loc']))}") from None
+        msg = _message(err, _valid_keys(owner))
+        # a whole-object check names its field first ("ratio: ..."): join it to the path
+        m = re.match(r"^([A-Za-z_]\w*): (.*)$", msg) if err["type"] == "value_error" else None
+        if m and owner is None and m.group(1) in _valid_keys(_walk(cls, loc, path)[1]):
+            where, msg = f"{where}.{m.group(1)}", m.group(2)
+        raise CompressError(f"{where}: {msg}") from None
 
 
 # ---- shared pieces of stage configs ------------------------------------------------------
@@ -220,10 +237,10 @@ def apply_override(raw, assignment):
             if k.isdigit() and int(k) < len(node):
                 idx = int(k)
             else:
-                names = [s.get("name") for s in node if isinstance(s, dict)]
+                names = [s.get("name") for s in node if isinstance(s, dict) and s.get("name")]
                 if k not in names:
-                    raise CompressError(f"--set {path}: {where} has no element '{k}'; valid: "
-                                        f"{', '.join(map(str, names)) or 'indices 0..' + str(len(node) - 1)}")
+                    valid = ", ".join(map(str, names)) or f"indices 0..{len(node) - 1}"
+                    raise CompressError(f"--set {path}: {where} has no element '{k}'; valid: {valid}")
                 idx = names.index(k)
             if last:
                 node[idx] = _parse_value(value)

@@ -209,6 +209,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR's python batches are pickles; allow only the numpy types they contain."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module, name):

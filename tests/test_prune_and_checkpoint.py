@@ -1,0 +1,290 @@
+"""Structured pruning (torch-pruning under the `prune` stage), rebuildable architecture specs
+and checkpoints."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.config import parse_recipe
+from compress.data import fashion_mnist
+from compress.engine import RunContext
+from compress.errors import CompressError
+from compress.models import MODELS, VGG_CFGS, build_model, count_params, layer_shapes, make_spec
+from compress.stages import STAGES, StageResult, model_cost
+from compress.stages.prune import IMPORTANCES, PruneStage, prune_model, ratio_for_macs
+
+CFG = [16, "M", 32, 32]     # conv-dominated: 14.3K of 14.7K params are conv weights
+SHAPE = (3, 16, 16)
+NCLS = 10
+
+
+def tiny_vgg(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    args = {"cfg": cfg, "in_channels": SHAPE[0], "num_classes": NCLS}
+    return build_model({"arch": "vgg_small", "args": args}), args
+
+
+def prune_cfg(**kw):
+    if "target_macs" not in kw:
+        kw.setdefault("ratio", 0.5)
+    return PruneStage(name="prune", **{"from": "teacher"}, **kw)
+
+
+def convs(model):
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+# ---- prune_model -----------------------------------------------------------------------------
+
+def test_prune_half_shrinks_params_and_macs_quadratically():
+    model, _ = tiny_vgg()
+    params0, macs0 = model_cost(model, SHAPE)
+    assert params0 == count_params(model)
+    pruned = prune_model(copy.deepcopy(model), prune_cfg(), SHAPE, NCLS, 0.5)
+    params1, macs1 = model_cost(pruned, SHAPE)
+    # A conv between two pruned layers keeps (1-r) of its inputs and (1-r) of its outputs:
+    # (1-r)^2 = 0.25 of its weights and MACs. The first conv (RGB input not pruned), the BNs
+    # and the classifier (outputs = classes, kept) shrink only by (1-r), so the whole model
+    # lands a little above 0.25: here 0.266 of params and 0.285 of MACs.
+    assert 0.2 <= params1 / params0 <= 0.35
+    assert 0.2 <= macs1 / macs0 <= 0.35
+    assert [c.out_channels for c in convs(pruned)] == [8, 16, 16]
+    assert [c.in_channels for c in convs(pruned)] == [3, 8, 16]
+    assert pruned.classifier.out_features == NCLS and pruned.classifier.in_features == 16
+    assert pruned(torch.zeros(2, *SHAPE)).shape == (2, NCLS)
+
+
+@pytest.mark.parametrize("importance", sorted(IMPORTANCES))
+def test_every_importance_prunes_each_layer_by_ratio(importance):
+    model, _ = tiny_vgg()
+    pruned = prune_model(model, prune_cfg(importance=importance), SHAPE, NCLS, 0.5)
+    assert [c.out_channels for c in convs(pruned)] == [8, 16, 16]
+    assert pruned.classifier.out_features == NCLS
+    assert torch.isfinite(pruned(torch.randn(2, *SHAPE))).all()
+
+
+def test_prune_ignore_and_round_to():
+    model, _ = tiny_vgg()
+    pruned = prune_model(model, prune_cfg(ignore=["features.0"], round_to=8), SHAPE, NCLS, 0.4)
+    widths = [c.out_channels for c in convs(pruned)]
+    assert widths[0] == 16                       # ignored: left whole
+    assert widths[1:] != [32, 32] and all(w % 8 == 0 for w in widths[1:])
+
+
+def test_prune_ignore_unknown_layer():
+    model, _ = tiny_vgg()
+    with pytest.raises(CompressError, match=r"^ignore: no layer 'features\.99'"):
+        prune_model(model, prune_cfg(ignore=["features.99"]), SHAPE, NCLS, 0.5)
+
+
+def test_l1_keeps_largest_filters():
+    model, _ = tiny_vgg(cfg=[8, "M", 16])
+    c1, bn1, c2 = model.features[0], model.features[1], model.features[4]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        # filter o of each conv: +-scale[o] in every entry, so its L1 norm is scale[o] * size.
+        # conv2's input channel i is scaled by 10 * (9 - scale1[i]): large where conv1's filter
+        # is small, so criteria that sum over the dependency group (group_l1) rank conv1's
+        # channels the other way round and this test tells them apart.
+        scale1 = torch.randperm(8, generator=g).float() + 1
+        scale2 = torch.randperm(16, generator=g).float() + 1
+        in2 = 10 * (9 - scale1)
+        for conv, scale, inscale in ((c1, scale1, torch.ones(3)), (c2, scale2, in2)):
+            signs = torch.randint(0, 2, conv.weight.shape, generator=g).float() * 2 - 1
+            conv.weight.copy_(signs * scale.view(-1, 1, 1, 1) * inscale.view(1, -1, 1, 1))
+        bn1.weight.copy_(torch.arange(8.0) + 1)
+        bn1.bias.copy_(torch.arange(8.0) / 10)
+    l1 = {conv: conv.weight.abs().sum((1, 2, 3)) for conv in (c1, c2)}
+    keep1 = l1[c1].topk(4).indices.sort().values
+    keep2 = l1[c2].topk(8).indices.sort().values
+    w1, w2 = c1.weight.detach().clone(), c2.weight.detach().clone()
+    bw, bb = bn1.weight.detach().clone(), bn1.bias.detach().clone()
+    wc = model.classifier.weight.detach().clone()
+
+    pruned = prune_model(model, prune_cfg(importance="l1"), SHAPE, NCLS, 0.5)
+    p1, pbn1, p2 = pruned.features[0], pruned.features[1], pruned.features[4]
+    assert torch.equal(p1.weight, w1[keep1])
+    assert torch.equal(pbn1.weight, bw[keep1]) and torch.equal(pbn1.bias, bb[keep1])
+    assert torch.equal(p2.weight, w2[keep2][:, keep1])
+    assert torch.equal(pruned.classifier.weight, wc[:, keep2])
+
+
+# ---- target_macs -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_ratio_for_macs_hits_target(target):
+    model, _ = tiny_vgg()
+    cfg = prune_cfg(target_macs=target)
+    _, macs0 = model_cost(model, SHAPE)
+    ratio = ratio_for_macs(model, cfg, SHAPE, NCLS, target)
+    assert 0 < ratio < 1
+    assert [c.out_channels for c in convs(model)] == [16, 32, 32]  # the input is left untouched
+    kept = model_cost(prune_model(copy.deepcopy(model), cfg, SHAPE, NCLS, ratio), SHAPE)[1] / macs0
+    assert 0.8 * target <= kept <= target
+    # the smallest such ratio: a slightly smaller one keeps more than the target
+    less = model_cost(prune_model(copy.deepcopy(model), cfg, SHAPE, NCLS, ratio - 1e-3), SHAPE)[1] / macs0
+    assert less > target
+
+
+def test_prune_stage_config_exclusive():
+    with pytest.raises(Exception, match="exactly one of `ratio` or `target_macs`"):
+        PruneStage(name="p", **{"from": "t"})
+    assert prune_cfg().importance == "l1" and prune_cfg().global_ is False
+
+
+# ---- the prune stage's run() -----------------------------------------------------------------
+
+def test_prune_stage_run(tiny_recipe_dict, fmnist_root):
+    recipe = parse_recipe(tiny_recipe_dict)
+    data = fashion_mnist(root=str(fmnist_root), download=False)
+    torch.manual_seed(0)
+    args = {"cfg": [8, "M", 16], "in_channels": 1, "num_classes": 10}
+    teacher = build_model({"arch": "vgg_small", "args": args})
+    ctx = RunContext(recipe=recipe, data=data, device=torch.device("cpu"))
+    ctx.results["teacher"] = StageResult(spec=make_spec("vgg_small", args), model=teacher)
+    before = layer_shapes(teacher)
+
+    result = STAGES["prune"].run(recipe.stage("prune"), ctx)
+    assert layer_shapes(teacher) == before            # the teacher's model is not touched
+    m = result.metrics
+    assert m["params"] < m["params_before"] and m["macs"] < m["macs_before"]
+    assert m["params_ratio"] == round(m["params"] / m["params_before"], 4)
+    assert 0 <= m["top1"] <= 100
+    assert result.info["ratio"] == 0.5
+    assert result.info["widths"] == {"features.0": [8, 4], "features.4": [16, 8]}
+    rebuilt = build_model(result.spec)
+    assert layer_shapes(rebuilt) == layer_shapes(result.model)
+    rebuilt.load_state_dict(result.model.state_dict())
+
+
+# ---- architecture specs and checkpoints ------------------------------------------------------
+
+@pytest.fixture
+def pruned():
+    model, args = tiny_vgg()
+    with torch.no_grad():  # non-trivial BN statistics, so buffers are checked too
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+    model = prune_model(model, prune_cfg(), SHAPE, NCLS, 0.5).eval()
+    return make_spec("vgg_small", args, model), model
+
+
+def test_spec_round_trip(pruned):
+    spec, model = pruned
+    rebuilt = build_model(spec)
+    assert layer_shapes(rebuilt) == layer_shapes(model) == spec["shapes"]
+    rebuilt.load_state_dict(model.state_dict())  # strict: every tensor fits
+    unpruned = build_model({k: v for k, v in spec.items() if k != "shapes"})
+    assert layer_shapes(unpruned) != spec["shapes"]
+
+
+def test_build_model_unknown_layer_in_spec(pruned):
+    spec, _ = pruned
+    spec["shapes"]["features.42"] = {"num_features": 3}
+    with pytest.raises(CompressError, match="checkpoint names layer 'features.42' that model lacks"):
+        build_model(spec)
+
+
+def test_checkpoint_round_trip(pruned, tmp_path):
+    spec, model = pruned
+    path = tmp_path / "ck" / "model.pt"
+    save_checkpoint(path, spec, model)
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temp file left behind
+    spec2, model2 = load_checkpoint(path)
+    assert spec2 == spec
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), model2.eval()(x))
+    # rebuildable without unpickling code
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"spec", "state_dict"} and raw["spec"]["arch"] == "vgg_small"
+    assert all(isinstance(v, torch.Tensor) for v in raw["state_dict"].values())
+
+
+def test_checkpoint_overwrite(pruned, tmp_path):
+    spec, model = pruned
+    path = tmp_path / "model.pt"
+    other, other_args = tiny_vgg(seed=1)
+    save_checkpoint(path, make_spec("vgg_small", other_args, other), other)
+    save_checkpoint(path, spec, model)
+    assert load_checkpoint(path)[0] == spec
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not-a-checkpoint"])
+def test_corrupt_checkpoint(pruned, tmp_path, damage):
+    spec, model = pruned
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, spec, model)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save(model.state_dict(), path)  # weights only, no spec
+    with pytest.raises(CompressError) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(f"{path}: not a readable compress checkpoint")
+
+
+def test_checkpoint_weights_do_not_fit(pruned, tmp_path):
+    spec, _ = pruned
+    whole, _ = tiny_vgg()
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, spec, whole)  # spec says pruned, weights are unpruned
+    with pytest.raises(CompressError, match="weights do not fit the stored architecture"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CompressError, match="not a readable compress checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("spec,state", [
+    ({"args": {}}, None),                                               # no arch
+    ({"arch": "vgg_small", "args": {"bogus": 1}}, None),                # unknown factory arg
+    ({"arch": "vgg_small", "args": {}, "shapes": {"features.0": {"num_features": 3}}}, None),
+    (None, torch.zeros(3)),                                             # state_dict not a dict
+], ids=["no-arch", "bad-arg", "bad-shape-kind", "state-not-dict"])
+def test_checkpoint_malformed_contents(pruned, tmp_path, spec, state):
+    good_spec, model = pruned
+    path = tmp_path / "model.pt"
+    torch.save({"spec": spec or good_spec, "state_dict": model.state_dict() if state is None else state}, path)
+    with pytest.raises(CompressError):
+        load_checkpoint(path)
+
+
+# ---- the model registry ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_model_forward_shape(arch):
+    torch.manual_seed(0)
+    model = build_model({"arch": arch, "args": {"in_channels": 3, "num_classes": 7, "width": 0.125}})
+    widths = [c.out_channels for c in convs(model)]
+    assert widths == [max(1, round(v * 0.125)) for v in VGG_CFGS[arch] if v != "M"]
+    assert model.classifier.out_features == 7
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32))
+    assert out.shape == (1, 7) and torch.isfinite(out).all()
+    rebuilt = build_model(make_spec(arch, {"in_channels": 3, "num_classes": 7, "width": 0.125}, model))
+    assert layer_shapes(rebuilt) == layer_shapes(model)
+
+
+def test_model_cfg_overrides_default():
+    model = build_model({"arch": "vgg16", "args": {"cfg": [4, "M", 8], "in_channels": 1}})
+    assert [c.out_channels for c in convs(model)] == [4, 8]
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_unknown_arch():
+    with pytest.raises(CompressError, match=r"unknown model 'resnet'; valid: .*vgg_small"):
+        build_model({"arch": "resnet"})
