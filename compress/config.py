@@ -143,6 +143,12 @@ class AugmentSpec(Spec):
     def deterministic(self):
         return self.crop == 0 and not self.flip
 
+    @property
+    def views(self):
+        """How many fixed transforms the batches are drawn from (None: unbounded). A flip
+        is one of two; a random crop has no finite set, so outputs cannot be cached."""
+        return None if self.crop else (2 if self.flip else 1)
+
 
 class TrainingSpec(Spec):
     """What every stage that runs the training loop shares (train, distill, qat)."""

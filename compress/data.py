@@ -59,11 +59,14 @@ class Data:
 
 @dataclass
 class Batch:
-    """One batch, the same shape for every method: images, labels, dataset indices."""
+    """One batch, the same shape for every method: images, labels, dataset indices, and
+    the view of each image (0: as stored, 1: horizontally flipped) so that outputs cached
+    per (view, index) can be looked up."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
+    view: torch.Tensor = None
 
 
 # ---- preprocessing on batched tensors ---------------------------------------------------
@@ -78,9 +81,10 @@ def normalize(x_uint8, mean, std):
 
 def augment_batch(x, crop, flip, generator):
     """Random crop with zero padding (black, before normalisation) and horizontal flip,
-    drawn per image on the batch's device."""
+    drawn per image on the batch's device. Returns (images, flipped mask)."""
     n, _, h, w = x.shape
     dev = x.device
+    mask = torch.zeros(n, dtype=torch.bool, device=dev)
     if flip:
         mask = torch.rand(n, device=dev, generator=generator) < 0.5
         x = torch.where(mask.view(n, 1, 1, 1), x.flip(3), x)
@@ -92,12 +96,13 @@ def augment_batch(x, crop, flip, generator):
         cols = (dx.view(n, 1) + torch.arange(w, device=dev)).view(n, 1, 1, w)
         c = x.shape[1]
         x = padded.gather(2, rows.expand(n, c, h, w + 2 * crop)).gather(3, cols.expand(n, c, h, w))
-    return x
+    return x, mask
 
 
 def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=None,
-            channels_last=False, drop_last=False):
-    """Yield :class:`Batch` es of normalised (and optionally augmented) images by index."""
+            channels_last=False, drop_last=False, flip_all=False):
+    """Yield :class:`Batch` es of normalised (and optionally augmented) images by index.
+    `flip_all` yields every image mirrored (view 1), e.g. to cache a teacher's outputs."""
     n = len(split)
     dev = split.x.device
     order = torch.randperm(n, device=dev, generator=generator) if shuffle else torch.arange(n, device=dev)
@@ -105,14 +110,18 @@ def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=N
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
         x = split.x[idx].float().div_(255)
-        if augment is not None and not augment.deterministic:
-            x = augment_batch(x, augment.crop, augment.flip, generator)
+        view = torch.full((len(idx),), int(flip_all), dtype=torch.long, device=dev)
+        if flip_all:
+            x = x.flip(3)
+        elif augment is not None and not augment.deterministic:
+            x, flipped = augment_batch(x, augment.crop, augment.flip, generator)
+            view = flipped.long()
         m = torch.tensor(data.mean, device=dev).view(1, -1, 1, 1)
         s = torch.tensor(data.std, device=dev).view(1, -1, 1, 1)
         x = (x - m) / s
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield Batch(x, split.y[idx], idx)
+        yield Batch(x, split.y[idx], idx, view)
 
 
 def num_batches(n, batch_size, drop_last=False):

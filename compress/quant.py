@@ -292,6 +292,12 @@ class QuantModel(nn.Sequential):
     """Root of a quantized model: ``input_quant`` then the original top-level children
     (same names, so paths like ``features.0`` keep meaning the first conv)."""
 
+    def forward(self, x):
+        # Quantization is simulated in fp32: under bf16 autocast the rounding grid itself
+        # would be coarser than the int8 grid being simulated.
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
 
 # ---- building the QAT model ---------------------------------------------------------------
 

@@ -295,12 +295,13 @@ def test_same_seed_same_batches():
 
 def test_flip_is_identity_or_mirror():
     x = torch.rand(64, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-    out = augment_batch(x, crop=0, flip=True, generator=torch.Generator().manual_seed(1))
+    out, flipped = augment_batch(x, crop=0, flip=True, generator=torch.Generator().manual_seed(1))
     assert out.shape == x.shape
     same = [torch.equal(o, i) for o, i in zip(out, x)]
     mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
     assert all(s != m for s, m in zip(same, mirrored))  # exactly one of the two, per image
     assert 0 < sum(mirrored) < 64
+    assert flipped.tolist() == mirrored  # the mask reports which images were mirrored
 
 
 def _shifted(img, sy, sx):
@@ -318,7 +319,8 @@ def test_crop_shifts_by_at_most_padding(pad):
     n, c, h, w = 48, 2, 7, 9
     # distinct non-zero values: zero can only be padding, and any shift is identifiable
     x = (torch.arange(n * c * h * w, dtype=torch.float32) + 1).view(n, c, h, w)
-    out = augment_batch(x, crop=pad, flip=False, generator=torch.Generator().manual_seed(0))
+    out, flipped = augment_batch(x, crop=pad, flip=False, generator=torch.Generator().manual_seed(0))
+    assert not flipped.any()
     assert out.shape == x.shape
     shifts = []
     for o, i in zip(out, x):
@@ -337,3 +339,16 @@ def test_iterate_augment_changes_only_training_batches():
                        generator=torch.Generator().manual_seed(0))).x
     assert torch.equal(plain, same)
     assert not torch.equal(plain, aug)
+
+
+def test_batch_view_marks_flipped_images():
+    data = tiny_data()
+    gen = torch.Generator().manual_seed(0)
+    aug = AugmentSpec(flip=True)
+    for b in iterate(data.train, data, 16, augment=aug, generator=gen):
+        plain = next(iterate(Split(data.train.x[b.index], data.train.y[b.index]), data, len(b.index))).x
+        for x, p, v in zip(b.x, plain, b.view):
+            assert torch.equal(x, p.flip(-1) if v else p)
+    mirrored = next(iterate(data.train, data, 8, flip_all=True))
+    assert mirrored.view.tolist() == [1] * 8
+    assert AugmentSpec().views == 1 and aug.views == 2 and AugmentSpec(crop=2).views is None

@@ -99,12 +99,13 @@ def test_cached_teacher_logits_replace_the_teacher_forward():
     calls = []
     teacher.module.register_forward_hook(lambda *a: calls.append(1))
     x = torch.randn(4, 1, 8, 8)
-    cache = torch.randn(10, 3)
+    cache = torch.randn(2, 10, 3)   # [views (as stored, flipped), images, classes]
     obj = Objective([KDSpec(T=1.0)], student, teacher, teacher_logits=cache)
-    idx = torch.tensor([7, 1, 3, 9])
-    loss, parts, logits = obj(student, Batch(x, torch.zeros(4, dtype=torch.long), idx))
+    idx, view = torch.tensor([7, 1, 3, 9]), torch.tensor([0, 1, 1, 0])
+    loss, parts, logits = obj(student, Batch(x, torch.zeros(4, dtype=torch.long), idx, view))
     assert calls == []
-    assert parts["kd"].item() == pytest.approx(kd_loss(logits, cache[idx], T=1.0).item(), rel=1e-6)
+    expected = kd_loss(logits, torch.stack([cache[0, 7], cache[1, 1], cache[1, 3], cache[0, 9]]), T=1.0)
+    assert parts["kd"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_weights_scale_terms():

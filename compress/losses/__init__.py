@@ -79,8 +79,9 @@ def term_spec_type():
 class Objective(nn.Module):
     """Sum of weighted loss terms over student (and optional frozen teacher) outputs.
 
-    Teacher logits come from a per-run cache when every term needs only logits and the
-    batch transform is deterministic; otherwise the teacher runs on each batch.
+    Teacher logits come from a per-run cache ([views, N, classes], looked up by each
+    image's view and index) when every term needs only logits and the batches come from a
+    finite set of transforms; otherwise the teacher runs on each batch.
     """
 
     def __init__(self, specs, student, teacher=None, *, sample=None, teacher_logits=None):
@@ -134,7 +135,7 @@ class Objective(nn.Module):
         teacher = None
         if self.needs_teacher:
             if self.teacher_logits is not None and not self.teacher_features_needed:
-                teacher = Outputs(self.teacher_logits[batch.index])
+                teacher = Outputs(self.teacher_logits[batch.view, batch.index])
             else:
                 with self.t_taps.attached():
                     t_logits = self.teacher(batch.x)

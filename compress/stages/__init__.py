@@ -128,15 +128,24 @@ def teacher_of(cfg, ctx):
 
 
 def teacher_logits(ctx, teacher_name, teacher, augment):
-    """Teacher logits for every training image, computed once per run and cached — only
-    valid when the batch transform is deterministic (no augmentation)."""
-    from ..engine import predict
+    """Teacher logits for every training image in every view the batches can show
+    ([views, N, classes]), computed once per run and cached; None when the batch transform
+    has no finite set of views (random crops), so the teacher must run on each batch."""
+    from ..data import iterate
 
-    if not augment.deterministic:
+    views = augment.views
+    if views is None:
         return None
-    key = ("teacher_logits", teacher_name)
+    key = ("teacher_logits", teacher_name, views)
     if key not in ctx.cache:
-        ctx.cache[key] = predict(teacher, ctx.data.train, ctx)
+        bs = ctx.recipe.data.eval_batch_size
+        out = []
+        with torch.no_grad():
+            for v in range(views):
+                batches = iterate(ctx.data.train, ctx.data, bs, channels_last=True, flip_all=bool(v))
+                with ctx.autocast():
+                    out.append(torch.cat([teacher(b.x).float() for b in batches]))
+        ctx.cache[key] = torch.stack(out)
     return ctx.cache[key]
 
 
