@@ -371,11 +371,11 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
     >>> q(torch.rand(4, 1, 28, 28)).shape
     torch.Size([4, 10])
     """
+    if is_quantized(model):
+        raise CompressError("the model is already quantized")
     if not _plain_sequential(model):
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): "
                             f"supported are {_SUPPORTED}")
-    if is_quantized(model):
-        raise CompressError("the model is already quantized")
     src = copy.deepcopy(model)
     input_quant = ActQuant(spec.act_bits, spec.ema)
     body = _quantize_sequential(src, "", {"act": input_quant}, spec)
