@@ -42,7 +42,12 @@ def sha256(path):
 
 
 def rebuild(spec):
-    """The nn.Module an architecture spec describes (a quantized spec rebuilds the QAT model)."""
+    """The nn.Module an architecture spec describes (a quantized spec rebuilds the QAT model,
+    an ensemble spec each member)."""
+    if spec.get("arch") == "ensemble":
+        from .models import Ensemble
+
+        return Ensemble([rebuild(m) for m in spec["members"]], spec.get("weights"))
     model = build_model(spec)
     if spec.get("quant"):
         from .quant import QuantSpec, quantize_model

@@ -170,13 +170,32 @@ class StageSpec(Spec):
 
     def stage_refs(self):
         """[(field, stage name)] this stage reads results from; checked to exist earlier."""
-        return [(f, getattr(self, f)) for f in ("from_", "teacher")
-                if getattr(self, f, None) is not None]
+        refs = []
+        for f in ("from_", "teacher"):
+            v = getattr(self, f, None)
+            if isinstance(v, str):
+                refs.append((f, v))
+            elif isinstance(v, list):
+                refs += [(f"{f}[{i}]", n) for i, n in enumerate(v)]
+        return refs
 
     def model_refs(self):
         """[(field, models entry)] this stage builds from the recipe's `models` section."""
         m = getattr(self, "model", None)
         return [("model", m)] if isinstance(m, str) else []
+
+
+TeacherRef = Union[str, Annotated[list[str], Field(min_length=1)]]
+
+
+def check_teacher_weights(teacher, weights):
+    """None, or why `teacher_weights` does not fit `teacher` (one weight per teacher, > 0)."""
+    if weights is None:
+        return None
+    n = len(teacher) if isinstance(teacher, list) else 1
+    if len(weights) != n or any(w <= 0 for w in weights):
+        return f"teacher_weights: need {n} positive weights (one per teacher), got {weights}"
+    return None
 
 
 class DataSpec(Spec):
@@ -193,12 +212,20 @@ class ModelDef(Spec):
     args: dict[str, Any] = {}
 
 
+class CompareSpec(Spec):
+    """A method-comparison table in the report: one row per stage, deltas vs `baseline`."""
+
+    baseline: str = Field(description="the stage every other row is compared with")
+    stages: list[str] = Field(min_length=1, description="the stages compared, one row each")
+
+
 class Recipe(Spec):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     data: DataSpec = DataSpec()
     models: dict[str, ModelDef] = {}
     stages: list[Any]
+    compare: Optional[CompareSpec] = None
 
     def stage(self, name):
         return next(s for s in self.stages if s.name == name)
@@ -291,6 +318,10 @@ def load_recipe(path, overrides=()):
 def parse_recipe(raw):
     from .stages import STAGES
 
+    # Top-level keys starting with "x-" hold YAML anchors shared by stages (`<<: *budget`);
+    # they are not part of the schema.
+    raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}
+
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         raise CompressError("stages: must be a non-empty list of {name, kind, ...}")
@@ -308,7 +339,7 @@ def parse_recipe(raw):
         if spec.name in seen:
             raise CompressError(f"{where}.name: duplicate stage name '{spec.name}' (also stages[{seen[spec.name]}])")
         for field, ref in spec.stage_refs():
-            field_name = "from" if field == "from_" else field
+            field_name = field.replace("from_", "from")
             if ref not in seen:
                 later = any(isinstance(x, dict) and x.get("name") == ref for x in stages_raw[i:])
                 why = "comes later" if later else "does not exist"
@@ -322,4 +353,12 @@ def parse_recipe(raw):
                 raise CompressError(f"{where}.{field}: {unknown('models entry', ref, recipe.models)}")
         seen[spec.name] = i
         stages.append(spec)
+    if recipe.compare is not None:
+        refs = [("compare.baseline", recipe.compare.baseline)]
+        refs += [(f"compare.stages[{i}]", n) for i, n in enumerate(recipe.compare.stages)]
+        for where, ref in refs:
+            if ref not in seen:
+                raise CompressError(f"{where}: {unknown('stage', ref, seen)}")
+            if not STAGES[stages[seen[ref]].kind].makes_model:
+                raise CompressError(f"{where}: stage '{ref}' ({stages[seen[ref]].kind}) produces no model")
     return recipe.model_copy(update={"stages": stages})

@@ -142,3 +142,29 @@ def make_spec(arch, args, model=None):
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+class Ensemble(nn.Module):
+    """Weighted mean of its members' logits. Members stay addressable by path
+    (``members.0.features.3``), so feature hooks reach inside any one of them.
+
+    >>> Ensemble([VGG([4], 1, 3), VGG([4], 1, 3)])(torch.zeros(2, 1, 8, 8)).shape
+    torch.Size([2, 3])
+    """
+
+    def __init__(self, members, weights=None):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        w = torch.tensor(weights if weights is not None else [1.0] * len(members), dtype=torch.float32)
+        self.register_buffer("weights", w / w.sum())
+
+    def forward(self, x):
+        out = self.weights[0] * self.members[0](x)
+        for w, m in zip(self.weights[1:], self.members[1:]):
+            out = out + w * m(x)
+        return out
+
+
+def ensemble_spec(member_specs, weights=None):
+    """Architecture spec of an Ensemble: rebuilt member by member."""
+    return {"arch": "ensemble", "members": list(member_specs), "weights": weights}

@@ -16,6 +16,7 @@ from .engine import RunContext
 from .errors import CompressError
 from .hooks import resolve
 from .losses import LOSSES
+from .models import Ensemble
 from .report import write_report
 from .stages import STAGES, StageResult, new_model, prepare
 
@@ -146,6 +147,8 @@ def build_report(recipe, ctx, wall):
                 row[k] = m[k]
         if "ratio" in r.info:
             row["prune_ratio"] = r.info["ratio"]
+        if "members" in r.info:
+            row["members"] = r.info["members"]
         stages.append(row)
         exports += r.info.get("exports", [])
     return {
@@ -157,12 +160,30 @@ def build_report(recipe, ctx, wall):
         "total_seconds": round(sum(s["seconds"] for s in stages), 2),
         "wall_seconds": round(wall, 2),
         "reference": _reference(recipe),
+        "comparison": _comparison(recipe, stages),
         "lineage": {s.name: getattr(s, "from_", None) for s in recipe.stages},
         "environment": {"device": str(ctx.device), "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads()},
     }
+
+
+def _comparison(recipe, rows):
+    """Rows of the method-comparison table (None without a `compare` section): top-1, its
+    difference from the baseline, params and seconds per epoch, all from this run."""
+    if recipe.compare is None:
+        return None
+    by = {r["name"]: r for r in rows}
+    base = by[recipe.compare.baseline]["top1"]
+    out = []
+    for name in recipe.compare.stages:
+        r, s = by[name], recipe.stage(name)
+        epochs = getattr(s, "epochs", None)
+        out.append({"method": name, "top1": r["top1"], "delta": round(r["top1"] - base, 2),
+                    "params": r["params"], "seconds_per_epoch": round(r["seconds"] / epochs, 2) if epochs else None,
+                    "loss": [t.term for t in getattr(s, "loss", [])] or ["ce"]})
+    return {"baseline": recipe.compare.baseline, "rows": out}
 
 
 def _reference(recipe):
@@ -187,11 +208,13 @@ def validate_recipe(recipe):
         skel = STAGES[s.kind].plan(s, skeletons, build)
         if skel is not None:
             skeletons[s.name] = skel
+        t_ref = getattr(s, "teacher", None)
+        t_skel = (Ensemble([skeletons[n] for n in t_ref]) if isinstance(t_ref, list)
+                  else skeletons.get(t_ref))
         for j, t in enumerate(getattr(s, "loss", []) or []):
             term = LOSSES[t.term](t)
             for role, paths, model in (("student_layer", term.student_layers(), skel),
-                                       ("teacher_layer", term.teacher_layers(),
-                                        skeletons.get(getattr(s, "teacher", None)))):
+                                       ("teacher_layer", term.teacher_layers(), t_skel)):
                 for p in paths:
                     if model is None:
                         raise CompressError(f"stages[{i}].loss[{j}].{role}: stage has no teacher")

@@ -57,6 +57,19 @@ def render_markdown(report):
         secs = f"{s['seconds']:.1f}" + (" (reused)" if s.get("reused") else "")
         lines.append(f"| {s['name']} | {s['kind']} | {_pct(s['top1'])} | {_count(s['params'])} | "
                      f"{_count(s['macs'])} | {secs} |")
+        for m in s.get("members", []):
+            lines.append(f"| ↳ {m['name']} | member | {_pct(m['top1'])} | {_count(m['params'])} | | |")
+    comp = report.get("comparison")
+    if comp:
+        lines += ["", f"## Methods compared (baseline: {comp['baseline']})", "",
+                  "Every row trains the same student architecture from the same initialisation with "
+                  "the same budget; top-1 on the whole test set.", "",
+                  "| method | top-1 (%) | Δ vs baseline (pt) | params | seconds / epoch | loss terms |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in comp["rows"]:
+            spe = "–" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}"
+            lines.append(f"| {r['method']} | {_pct(r['top1'])} | {r['delta']:+.2f} | {_count(r['params'])} | "
+                         f"{spe} | {', '.join(r['loss'])} |")
     exps = report["exports"]
     if exps:
         ref = reference_export(report)

@@ -3,6 +3,7 @@ and ``plan(cfg, inputs, build) -> skeleton model`` (used by ``compress validate`
 
 import importlib
 import pkgutil
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -67,8 +68,9 @@ def describe(model, ctx, cost_model=None):
 
 
 
-def new_model(recipe, name, in_channels, num_classes):
-    """(model, spec) for the recipe's `models.<name>` entry, sized for the data."""
+def new_model(recipe, name, in_channels, num_classes, salt=""):
+    """(model, spec) for the recipe's `models.<name>` entry, sized for the data. `salt`
+    draws a different initialisation of the same entry (e.g. the peers of a cohort)."""
     import inspect
 
     from ..errors import CompressError
@@ -88,7 +90,13 @@ def new_model(recipe, name, in_channels, num_classes):
         raise CompressError(f"models.{name}.args.width: must be a positive number, got {d.args['width']!r}")
     args = {**d.args, "in_channels": in_channels, "num_classes": num_classes}
     spec = {"arch": d.arch, "args": args}
-    return build_model(spec), make_spec(d.arch, args)
+    # Every stage that builds `models.<name>` starts from the same weights (seeded by the
+    # recipe seed and the entry's name), so methods compared on one student are compared
+    # from one initialisation.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(f"models.{name}{salt}".encode()))
+        model = build_model(spec)
+    return model, make_spec(d.arch, args)
 
 
 def input_model(cfg, ctx, build_fresh=True):
@@ -120,14 +128,28 @@ def prepare(model, ctx):
 
 
 def teacher_of(cfg, ctx):
+    """The stage's frozen teacher: one stage's model, or the weighted mean of several
+    (multi-teacher KD); None when the stage has no teacher."""
+    import copy
+
     from ..engine import Frozen
+    from ..models import Ensemble
 
-    if not getattr(cfg, "teacher", None):
+    names = cfg.teacher if isinstance(cfg.teacher, list) else [cfg.teacher] if cfg.teacher else []
+    if not names:
         return None
-    return prepare(Frozen(ctx.results[cfg.teacher].get_model()), ctx)
+    models = [ctx.results[n].get_model() for n in names]
+    if len(models) == 1:
+        return prepare(Frozen(models[0]), ctx)
+    return prepare(Frozen(Ensemble([copy.deepcopy(m) for m in models], cfg.teacher_weights)), ctx)
 
 
-def teacher_logits(ctx, teacher_name, teacher, augment):
+def teacher_key(cfg):
+    names = cfg.teacher if isinstance(cfg.teacher, list) else [cfg.teacher]
+    return (tuple(names), tuple(cfg.teacher_weights or ()))
+
+
+def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any hashable key
     """Teacher logits for every training image in every view the batches can show
     ([views, N, classes]), computed once per run and cached; None when the batch transform
     has no finite set of views (random crops), so the teacher must run on each batch."""

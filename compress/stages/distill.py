@@ -4,27 +4,30 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import StageSpec, TrainingSpec
+from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights
 from ..data import iterate
 from ..engine import fit
-from ..losses import Objective, term_spec_type
+from ..losses import Objective, TermInfo, term_spec_type
 from ..losses.kd import KDSpec
 from ..models import make_spec
-from . import (StageResult, describe, input_model, plan_student, prepare, register, teacher_logits,
-               teacher_of)
+from . import (StageResult, describe, input_model, plan_student, prepare, register, teacher_key,
+               teacher_logits, teacher_of)
 
 
 class DistillStage(StageSpec, TrainingSpec):
     kind: Literal["distill"] = "distill"
     from_: Optional[str] = Field(None, alias="from", description="earlier stage whose model is the student")
     model: Optional[str] = Field(None, description="models entry: a fresh student")
-    teacher: str
+    teacher: TeacherRef = Field(description="earlier stage, or a list of stages (mean of their logits)")
+    teacher_weights: Optional[list[float]] = Field(None, description="weights of several teachers' logits")
     loss: list[term_spec_type()] = Field([KDSpec(T=4.0, alpha=0.9)], min_length=1)
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.model is None) == (self.from_ is None):
             raise ValueError("give exactly one of `model` (a models entry) or `from` (an earlier stage)")
+        if why := check_teacher_weights(self.teacher, self.teacher_weights):
+            raise ValueError(why)
         return self
 
 
@@ -32,11 +35,12 @@ def build_objective(cfg, model, ctx):
     """The stage's Objective on the device, with teacher logits cached when possible."""
     teacher = teacher_of(cfg, ctx)
     sample = next(iterate(ctx.data.train, ctx.data, 2, channels_last=True)).x
-    objective = Objective(cfg.loss, model, teacher, sample=sample)
+    info = TermInfo(num_samples=len(ctx.data.train), num_classes=ctx.data.num_classes)
+    objective = Objective(cfg.loss, model, teacher, sample=sample, info=info)
     if objective.needs_teacher and teacher is None:
         raise ValueError("loss terms need a teacher")
     if objective.needs_teacher and not objective.teacher_features_needed:
-        objective.teacher_logits = teacher_logits(ctx, cfg.teacher, teacher, cfg.augment)
+        objective.teacher_logits = teacher_logits(ctx, teacher_key(cfg), teacher, cfg.augment)
     return objective.to(ctx.device)
 
 

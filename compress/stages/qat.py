@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import StageSpec, TrainingSpec
+from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights
 from ..data import iterate
 from ..engine import fit
 from ..losses import term_spec_type
@@ -24,7 +24,8 @@ from .distill import build_objective
 class QATStage(StageSpec, TrainingSpec):
     kind: Literal["qat"] = "qat"
     from_: str = Field(alias="from")
-    teacher: Optional[str] = None
+    teacher: Optional[TeacherRef] = None
+    teacher_weights: Optional[list[float]] = None
     loss: list[term_spec_type()] = Field([CESpec()], min_length=1)
     weight_bits: int = Field(7, ge=2, le=8, description="7 (+-63) avoids U8S8 saturation on CPUs without VNNI")
     act_bits: int = Field(8, ge=2, le=8)
@@ -39,6 +40,8 @@ class QATStage(StageSpec, TrainingSpec):
                 raise ValueError(f"{f}: must be <= epochs ({self.epochs}), got {getattr(self, f)}")
         from ..losses import LOSSES
 
+        if self.teacher is not None and (why := check_teacher_weights(self.teacher, self.teacher_weights)):
+            raise ValueError(why)
         if self.teacher is None and any(LOSSES[t.term].uses_teacher for t in self.loss):
             raise ValueError("loss: a term needs a teacher; set `teacher` to an earlier stage")
         return self
