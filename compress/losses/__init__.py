@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..config import Spec
@@ -30,10 +31,47 @@ class TermSpec(Spec):
     weight: float = Field(1.0, ge=0)
 
 
+class LayerPairsSpec(TermSpec):
+    """Base of terms that compare features at several (student, teacher) layer pairs,
+    named by module path: ``student_layers: [features.6, features.13]``."""
+
+    student_layers: list[str] = Field(min_length=1, description="student module paths")
+    teacher_layers: list[str] = Field(min_length=1, description="teacher module paths, one per student path")
+
+    @model_validator(mode="after")
+    def _paired(self):
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError(f"student_layers and teacher_layers must pair up, got "
+                             f"{len(self.student_layers)} and {len(self.teacher_layers)} paths")
+        return self
+
+
 @dataclass
 class Outputs:
     logits: torch.Tensor
     features: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TermInfo:
+    """Facts about the run a term may need at setup, passed by the Objective (never read
+    from the training loop): e.g. CRD's memory bank has one row per training image."""
+
+    num_samples: Optional[int] = None   # training images; batch.index is in [0, num_samples)
+    num_classes: Optional[int] = None
+
+
+def match_spatial(s, t):
+    """Adaptive-average-pool the larger of two NCHW maps to the other's height and width
+    (each dimension to the smaller of the two); 2-D inputs are returned unchanged."""
+    if s.dim() != 4 or t.dim() != 4 or s.shape[-2:] == t.shape[-2:]:
+        return s, t
+    size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+    if tuple(s.shape[-2:]) != size:
+        s = F.adaptive_avg_pool2d(s, size)
+    if tuple(t.shape[-2:]) != size:
+        t = F.adaptive_avg_pool2d(t, size)
+    return s, t
 
 
 class LossTerm(nn.Module):
@@ -52,8 +90,10 @@ class LossTerm(nn.Module):
     def teacher_layers(self):
         return []
 
-    def setup(self, student_shapes, teacher_shapes):
-        """Build adapters from feature shapes measured by one dummy forward."""
+    def setup(self, student_shapes, teacher_shapes, info=None):
+        """Build adapters from feature shapes ({path: shape without the batch dim}) measured
+        by one dummy forward on the actual (possibly pruned) models; `info` is a
+        :class:`TermInfo` (dataset size, classes)."""
 
     def forward(self, student, teacher, batch):
         raise NotImplementedError
@@ -82,9 +122,13 @@ class Objective(nn.Module):
     Teacher logits come from a per-run cache ([views, N, classes], looked up by each
     image's view and index) when every term needs only logits and the batches come from a
     finite set of transforms; otherwise the teacher runs on each batch.
+
+    With `sample` (one input batch) the tapped features are measured once and every term's
+    ``setup(student_shapes, teacher_shapes, info)`` builds its adapters; `info` (a
+    :class:`TermInfo`: training-set size, classes) reaches terms such as CRD that need it.
     """
 
-    def __init__(self, specs, student, teacher=None, *, sample=None, teacher_logits=None):
+    def __init__(self, specs, student, teacher=None, *, sample=None, teacher_logits=None, info=None):
         super().__init__()
         self.names = []
         terms = {}
@@ -100,10 +144,12 @@ class Objective(nn.Module):
         t_paths = [p for t in terms.values() for p in t.teacher_layers()]
         self.s_taps = FeatureTaps(student, s_paths, "student_layer")
         self.t_taps = FeatureTaps(teacher.module, t_paths, "teacher_layer") if teacher is not None else None
-        if sample is not None and (s_paths or t_paths):
-            s_shapes, t_shapes = self._measure(student, sample)
+        if sample is not None or info is not None:
+            # The dummy forward runs only when a term taps layers (as before: a QAT model's
+            # observers see no extra batch); every term gets setup() with the run's facts.
+            shapes = self._measure(student, sample) if sample is not None and (s_paths or t_paths) else ({}, {})
             for t in terms.values():
-                t.setup(s_shapes, t_shapes)
+                t.setup(*shapes, info if info is not None else TermInfo())
 
     @property
     def needs_teacher(self):

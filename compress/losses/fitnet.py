@@ -35,7 +35,7 @@ class FitNet(LossTerm):
     def teacher_layers(self):
         return [self.spec.teacher_layer]
 
-    def setup(self, student_shapes, teacher_shapes):
+    def setup(self, student_shapes, teacher_shapes, info=None):
         cs = student_shapes[self.spec.student_layer][0]
         ct = teacher_shapes[self.spec.teacher_layer][0]
         if self.spec.regressor == "conv1x1":
