@@ -5,6 +5,7 @@ the field, e.g. ``stages[1].ratio: must be < 1, got 1.5``.
 """
 
 import copy
+import difflib
 import hashlib
 import json
 import re
@@ -94,7 +95,10 @@ def _message(err, cls_fields):
         valid = [v.strip(" '") for v in str(ctx.get("expected_tags", "")).split(",")]
         return unknown(ctx.get("discriminator", "tag").strip("'") + " value", ctx.get("tag"), valid)
     if t == "union_tag_not_found":
-        return f"required key {ctx.get('discriminator', '')} is missing"
+        tag = str(ctx.get("discriminator", "")).strip("'")
+        typo = difflib.get_close_matches(tag, [str(k) for k in inp], n=1, cutoff=0.6) if isinstance(inp, dict) else []
+        hint = f" ('{typo[0]}' is no key: did you mean '{tag}'?)" if typo else ""
+        return f"required key '{tag}' is missing{hint}"
 
     if t == "value_error":
         return msg.removeprefix("Value error, ")
@@ -108,7 +112,10 @@ def parse(cls, data, path):
     try:
         return cls.model_validate(data)
     except pydantic.ValidationError as e:
-        err = e.errors()[0]
+        errors = e.errors()
+        # A misspelt key is both unknown and (as the key it meant) missing: the unknown key,
+        # with its did-you-mean, is the message that helps.
+        err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = tuple(err["loc"])
         if err["type"] == "extra_forbidden":
             where, owner = _walk(cls, loc[:-1], path)
@@ -255,39 +262,60 @@ def _parse_value(text):
 
 
 def apply_override(raw, assignment):
-    """Apply ``PATH=VALUE`` to the raw recipe dict. Stages are addressed by name or index:
-    ``stages.teacher.epochs=1``; VALUE is parsed as YAML (``1`` is an int, ``[1, 2]`` a list)."""
+    """Apply ``PATH=VALUE`` to the raw recipe dict. Stages are addressed by name or index
+    (``stages.teacher.epochs=1``); ``*`` addresses every list element that already has the
+    rest of the path (``stages.*.epochs=20``). VALUE is parsed as YAML (``1`` is an int,
+    ``[1, 2]`` a list)."""
     if "=" not in assignment:
         raise CompressError(f"--set {assignment}: expected PATH=VALUE, e.g. stages.teacher.epochs=1")
     path, value = assignment.split("=", 1)
     keys = [k for k in path.strip().split(".")]
     if not all(keys):
         raise CompressError(f"--set {assignment}: empty path element")
-    node, where = raw, ""
-    for i, k in enumerate(keys):
-        last = i == len(keys) - 1
-        if isinstance(node, list):
-            if k.isdigit() and int(k) < len(node):
-                idx = int(k)
-            else:
-                names = [s.get("name") for s in node if isinstance(s, dict) and s.get("name")]
-                if k not in names:
-                    valid = ", ".join(map(str, names)) or f"indices 0..{len(node) - 1}"
-                    raise CompressError(f"--set {path}: {where} has no element '{k}'; valid: {valid}")
-                idx = names.index(k)
-            if last:
-                node[idx] = _parse_value(value)
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[k] = _parse_value(value)
-            else:
-                node = node.setdefault(k, {})
-        else:
-            raise CompressError(f"--set {path}: {where} is a value, not a mapping or list")
-        where = f"{where}.{k}" if where else k
+    _assign(raw, keys, _parse_value(value), "", path.strip())
     return raw
+
+
+def _has_path(node, keys):
+    for k in keys:
+        if isinstance(node, dict) and k in node:
+            node = node[k]
+        elif isinstance(node, list) and k.isdigit() and int(k) < len(node):
+            node = node[int(k)]
+        else:
+            return False
+    return True
+
+
+def _assign(node, keys, value, where, path):
+    k, rest = keys[0], keys[1:]
+    if isinstance(node, list):
+        if k == "*":
+            hits = [el for el in node if _has_path(el, rest)]
+            if not hits or not rest:
+                raise CompressError(f"--set {path}: no element of {where} has '{'.'.join(rest)}'")
+            for el in hits:
+                _assign(el, rest, copy.deepcopy(value), f"{where}.*", path)
+            return
+        named = {el.get("name"): i for i, el in enumerate(node) if isinstance(el, dict) and el.get("name")}
+        if k.isdigit() and int(k) < len(node):
+            idx = int(k)
+        elif k in named:
+            idx = named[k]
+        else:
+            valid = ", ".join(map(str, named)) or f"indices 0..{len(node) - 1}"
+            raise CompressError(f"--set {path}: {where} has no element '{k}'; valid: {valid}")
+        if not rest:
+            node[idx] = value
+        else:
+            _assign(node[idx], rest, value, f"{where}.{k}", path)
+    elif isinstance(node, dict):
+        if not rest:
+            node[k] = value
+        else:
+            _assign(node.setdefault(k, {}), rest, value, f"{where}.{k}" if where else k, path)
+    else:
+        raise CompressError(f"--set {path}: {where} is a value, not a mapping or list")
 
 
 def load_recipe(path, overrides=()):
@@ -299,14 +327,20 @@ def load_recipe(path, overrides=()):
 
     p = Path(path)
     if not p.is_file():
-        raise CompressError(f"recipe file '{path}' does not exist")
+        raise CompressError(f"recipe file '{path}' {'is a directory' if p.is_dir() else 'does not exist'}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CompressError(f"{path}: cannot read recipe ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise CompressError(f"{path}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise CompressError(f"{path}: YAML nested too deeply to be a recipe") from None
     if not isinstance(raw, dict):
         raise CompressError(f"{path}: a recipe must be a mapping with name, data, models, stages")
     raw = copy.deepcopy(raw)
@@ -323,17 +357,19 @@ def parse_recipe(raw):
     raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}
 
     stages_raw = raw.get("stages")
+    recipe = parse(Recipe, {**raw, "stages": []}, "")  # first: a misspelt `stages` is an unknown key
     if not isinstance(stages_raw, list) or not stages_raw:
         raise CompressError("stages: must be a non-empty list of {name, kind, ...}")
-    recipe = parse(Recipe, {**raw, "stages": []}, "")
     stages, seen = [], {}
     for i, s in enumerate(stages_raw):
         where = f"stages[{i}]"
         if not isinstance(s, dict):
             raise CompressError(f"{where}: must be a mapping with name and kind, got {_short(s)}")
         if "kind" not in s:
-            raise CompressError(f"{where}.kind: required key is missing; valid: {', '.join(sorted(STAGES))}")
-        if s["kind"] not in STAGES:
+            typo = difflib.get_close_matches("kind", [str(k) for k in s], n=1, cutoff=0.6)
+            hint = f" ('{typo[0]}' is no key: did you mean 'kind'?)" if typo else ""
+            raise CompressError(f"{where}.kind: required key is missing{hint}; valid: {', '.join(sorted(STAGES))}")
+        if not isinstance(s["kind"], str) or s["kind"] not in STAGES:
             raise CompressError(f"{where}.kind: {unknown('stage kind', s['kind'], STAGES)}")
         spec = parse(STAGES[s["kind"]].spec, s, where)
         if spec.name in seen:

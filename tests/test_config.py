@@ -412,3 +412,14 @@ def test_bad_override_in_unnamed_list_lists_indices(tiny_recipe_dict):
     with pytest.raises(CompressError) as e:
         apply_override(tiny_recipe_dict, "stages.distill.loss.3.T=2")
     assert str(e.value).endswith("has no element '3'; valid: indices 0..0"), str(e.value)
+
+
+def test_wildcard_override_sets_every_stage_that_has_the_key():
+    root = Path(__file__).resolve().parents[1]
+    r = load_recipe(root / "recipes/kd_zoo.yaml", ["stages.*.epochs=7"])
+    trained = [s for s in r.stages if hasattr(s, "epochs")]
+    assert len(trained) == len(r.stages) and all(s.epochs == 7 for s in trained)
+    r = load_recipe(root / "recipes/vgg_prune_kd.yaml", ["stages.*.epochs=3"])
+    assert [getattr(s, "epochs", None) for s in r.stages] == [3, None, 3, 3, None]
+    with pytest.raises(CompressError, match=r"no element of stages has 'epochz'"):
+        load_recipe(root / "recipes/vgg_prune_kd.yaml", ["stages.*.epochz=3"])
