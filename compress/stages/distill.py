@@ -2,6 +2,7 @@
 
 from typing import Literal, Optional
 
+import torch
 from pydantic import Field, model_validator
 
 from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights
@@ -41,7 +42,8 @@ def build_objective(cfg, model, ctx):
         raise ValueError("loss terms need a teacher")
     if objective.needs_teacher and not objective.teacher_features_needed:
         objective.teacher_logits = teacher_logits(ctx, teacher_key(cfg), teacher, cfg.augment)
-    return objective.to(ctx.device)
+    # adapters (regressors, projections) in the student's channels_last layout: no reorders per step
+    return objective.to(ctx.device).to(memory_format=torch.channels_last)
 
 
 @register("distill", DistillStage, plan_student)
