@@ -2,6 +2,7 @@
 ``state_dict``, written atomically, loaded with ``torch.load(weights_only=True)``."""
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -58,7 +59,13 @@ def rebuild(spec):
 
 def save_checkpoint(path, spec, model):
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda p: torch.save({"spec": spec, "state_dict": state}, p))
+    # Serialized in memory: torch.save(path) names the zip records after the (random) temp
+    # file, so the same weights would hash differently; and a full disk is then an OSError.
+    # The spec goes through JSON so that its pickle (which shares repeated objects) is the
+    # same whether it was built in this process or read back from a stored result.
+    buf = io.BytesIO()
+    torch.save({"spec": json.loads(json.dumps(spec)), "state_dict": state}, buf)
+    atomic_write(path, lambda p: Path(p).write_bytes(buf.getvalue()))
 
 
 def load_checkpoint(path):

@@ -1,4 +1,5 @@
-"""Command line: ``compress run RECIPE`` and ``compress validate RECIPE``."""
+"""Command line: ``compress run RECIPE`` and ``compress validate RECIPE``; ``eval``, ``bench``,
+``compare`` and ``report`` live in :mod:`compress.commands`."""
 
 import argparse
 import sys
@@ -16,19 +17,44 @@ def _parser():
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                         help="override a recipe field, stages by name: --set stages.teacher.epochs=1")
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    common.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (or a .py file) first, so it can register models, loss terms, "
+                        "datasets or stage kinds; nothing else a recipe names is ever imported")
     r = sub.add_parser("run", parents=[common], help="run a recipe (reusing unchanged stored stages)")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     r.add_argument("--fresh", action="store_true", help="ignore stored stage results")
     r.add_argument("--workdir", default=".", help="where runs/ and exports/ go (default: .)")
     sub.add_parser("validate", parents=[common], help="check a recipe without training")
+    from .commands import add_subcommands
+
+    add_subcommands(sub)   # eval, bench, compare, report: measure files, re-read stored results
     return p
+
+
+def _quiet_thread_oserror(default):
+    """threading.excepthook that leaves an OSError in a background writer (TensorBoard's
+    event thread on a full disk) to the main thread, which re-raises it on its next write and
+    reports it in one line; anything else keeps the default traceback."""
+    def hook(a):
+        if not isinstance(a.exc_value, OSError):
+            default(a)
+    return hook
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    import threading
+
+    hook = threading.excepthook
+    if not args.debug:
+        threading.excepthook = _quiet_thread_oserror(hook)
     try:
         from .config import load_recipe
+        from .plugins import load_plugins
 
+        load_plugins(getattr(args, "plugins", []))
+        if hasattr(args, "handler"):   # a command of compress/commands.py; no recipe
+            return args.handler(args)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "validate":
             from .pipeline import validate_recipe
@@ -44,9 +70,19 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # full disk, read-only or unwritable folder: the environment, not a bug
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else (
+            f"writing under {args.workdir}: " if getattr(args, "workdir", None) else "")
+        kept = "; completed stages are stored and will be reused" if args.command == "run" else ""
+        print(f"error: {where}{e.strerror or e}{kept}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; completed stages are stored and will be reused", file=sys.stderr)
         return 130
+    finally:
+        threading.excepthook = hook
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ index: no DataLoader workers on the hot path. Augmentation runs on batched tenso
 import gzip
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def _read_idx(path, expect_dims):
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged gzip stream
         raise CompressError(f"{path}: cannot read IDX file ({e})") from None
     if len(raw) < 4 or raw[2] != 8 or raw[3] != expect_dims:
         raise CompressError(f"{path}: not an IDX uint8 file with {expect_dims} dimensions")
@@ -170,6 +171,25 @@ def _find_idx_files(root):
     return None
 
 
+def _what_lacks(root):
+    """' (no such folder)', ' (lacks FILE, ...)' for a partial copy, or ''."""
+    if not Path(root).is_dir():
+        return " (no such folder)"
+    for d in (Path(root), Path(root) / "FashionMNIST" / "raw"):
+        lacks = [s for s in _FMNIST_FILES.values() if not ((d / s).is_file() or (d / f"{s}.gz").is_file())]
+        if len(lacks) < len(_FMNIST_FILES):
+            return f" (lacks {', '.join(lacks)})"
+    return ""
+
+
+def _check_labels(name, source, splits, num_classes):
+    """Labels outside 0..num_classes-1 would fail deep inside the loss: refuse them here."""
+    for split, s in zip(("train", "test"), splits):
+        if len(s.y) and (int(s.y.min()) < 0 or int(s.y.max()) >= num_classes):
+            raise CompressError(f"{name} at {source}: {split} labels must be in 0..{num_classes - 1}, "
+                                f"found {int(s.y.min())}..{int(s.y.max())}")
+
+
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(root=None, download=None):
     """Fashion-MNIST (Xiao et al. 2017), 28x28 grey, 10 classes. Looks in `root`, then
@@ -184,7 +204,7 @@ def fashion_mnist(root=None, download=None):
         if files:
             arrays = {k: _read_idx(p, 3 if k.endswith("x") else 1) for k, p in files.items()}
             return _fmnist_from_arrays(arrays, str(Path(files["train_x"]).parent))
-        tried.append(f"{label} {d}")
+        tried.append(f"{label} {d}{_what_lacks(d)}")
     if download is not False:
         target = root or os.environ.get("COMPRESS_DATA") or str(Path.home() / ".cache" / "compress")
         try:
@@ -210,6 +230,7 @@ def _fmnist_from_arrays(a, source):
     test = Split(torch.from_numpy(a["test_x"].copy()).unsqueeze(1), torch.from_numpy(a["test_y"].astype(np.int64)))
     if len(train.x) != len(train.y) or len(test.x) != len(test.y):
         raise CompressError(f"fashion_mnist at {source}: image and label counts differ")
+    _check_labels("fashion_mnist", source, (train, test), len(FASHION_CLASSES))
     mean, std = _stats(train.x)
     return Data("fashion_mnist", list(FASHION_CLASSES), train, test, mean, std, source)
 
@@ -271,6 +292,7 @@ def _cifar(name, folder, train_files, test_files, meta_file, label_key, names_ke
     meta = _read_cifar_batch(base / meta_file)
     classes = [c.decode() if isinstance(c, bytes) else c for c in meta[names_key]]
     train, test = load(train_files), load(test_files)
+    _check_labels(name, base, (train, test), len(classes))
     mean, std = _stats(train.x)
     return Data(name, classes, train, test, mean, std, str(base))
 

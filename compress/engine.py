@@ -25,7 +25,7 @@ class RunContext:
     stage_dir: object = None        # where this stage may write files
     export_dir: object = None
     seed: int = 0
-    logger: object = None           # compress.logging.RunLogger or None
+    logger: object = None           # compress.tracking.Tracker (.epoch(stage, epoch, metrics)) or None
 
     @property
     def cuda(self):
@@ -70,9 +70,12 @@ def build_optimizer(spec, params):
 
 def build_scheduler(spec, optimizer, total_steps):
     if spec.schedule == "onecycle":
+        total = max(total_steps, 1)
+        # A warm-up of at most one step is none: OneCycleLR divides 0 by 0 at exactly one.
+        warmup = spec.warmup if spec.warmup * total > 1 else 0.0
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=spec.optimizer.lr, total_steps=max(total_steps, 1),
-            pct_start=spec.warmup, cycle_momentum=False, anneal_strategy="linear",
+            optimizer, max_lr=spec.optimizer.lr, total_steps=total,
+            pct_start=warmup, cycle_momentum=False, anneal_strategy="linear",
             div_factor=25.0, final_div_factor=1e3)
     if spec.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
@@ -83,7 +86,8 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`.
 
     Metrics accumulate on the device and are read once at the end (no per-step sync,
-    except a progress-bar refresh every 50 steps). Returns {"loss/<term>": mean, "train_top1": %}.
+    except a progress-bar refresh every 50 steps). Returns {"loss/<term>": mean, "train_top1": %,
+    "lr": the learning rate of the last step, "steps": optimizer steps taken}.
     """
     model.train()
     objective.train()
@@ -91,13 +95,16 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     bar = tqdm(total=steps * batch_size, desc=desc, unit="img", unit_scale=True, leave=False,
                disable=None, dynamic_ncols=True)
     t0 = time.perf_counter()
+    lr, n_steps = optimizer.param_groups[0]["lr"], 0   # Python floats/ints: no device sync
     for step, batch in enumerate(batches):
         with ctx.autocast():
             loss, parts, logits = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = optimizer.param_groups[0]["lr"]   # the rate this step uses (the scheduler moves it next)
         optimizer.step()
         scheduler.step()
+        n_steps += 1
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach().float() * len(batch.y)
         correct += (logits.detach().argmax(1) == batch.y).sum()
@@ -111,6 +118,7 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     out["loss"] = sum(out.values())
     out["train_top1"] = 100.0 * float(correct) / max(seen, 1)
     out["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
+    out["lr"], out["steps"] = lr, n_steps
     return out
 
 
@@ -141,7 +149,8 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     schedule, augmentation, progress and logging. Stages wrap this; they never copy it.
 
     `on_epoch_start(epoch)` lets a stage change phase (e.g. QAT freezes observers).
-    Returns the per-epoch metric dicts.
+    Returns the per-epoch metric dicts, each with the test top-1 after that epoch (for the
+    learning curves; measured: +~2.5 s per epoch for vgg_small on 10k CPU test images).
     """
     params = list(model.parameters()) + list(objective.parameters())
     optimizer = build_optimizer(spec, params)
@@ -157,7 +166,7 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
                           generator=gen, channels_last=True, drop_last=True)
         m = train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, steps=steps,
                             desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size)
-        m["lr"] = optimizer.param_groups[0]["lr"]
+        m["test_top1"] = evaluate(model, ctx)
         history.append(m)
         if ctx.logger:
             ctx.logger.epoch(name, epoch, m)

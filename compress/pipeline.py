@@ -1,6 +1,7 @@
 """Walks a recipe's stages in order, reusing each stored stage whose content hash (config +
 inputs) is unchanged, and writes the report. Nothing else decides the order."""
 
+import hashlib
 import json
 import os
 import platform
@@ -17,8 +18,10 @@ from .errors import CompressError
 from .hooks import resolve
 from .losses import LOSSES
 from .models import Ensemble
+from .plots import render_run
 from .report import write_report
 from .stages import STAGES, StageResult, new_model, prepare
+from .tracking import Tracker
 
 
 def resolve_device(name):
@@ -42,12 +45,17 @@ def _lookup(stage, key, run_dir, ctx, workdir):
     try:
         meta = json.loads(meta_path.read_text())
         stored_key = meta["key"]
-    except (OSError, ValueError, KeyError):
+        intact = meta.pop("digest", None) == _digest(meta)
+        hashes = dict(meta["hashes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         print(f"  stored result of '{stage.name}' is unreadable ({meta_path}); recomputing")
         return None
     if stored_key != key:
         return None
-    for rel, digest in meta.get("hashes", {}).items():
+    if not intact:
+        print(f"  stored result {meta_path} of stage '{stage.name}' fails its content hash (modified or from an older version); recomputing")
+        return None
+    for rel, digest in hashes.items():
         path = Path(workdir) / rel
         if not path.is_file() or sha256(path) != digest:
             print(f"  stored file {path} of stage '{stage.name}' is missing or corrupt; recomputing")
@@ -73,7 +81,14 @@ def _store(stage, key, result, run_dir, workdir):
     meta = {"key": key, "kind": stage.kind, "spec": result.spec, "metrics": result.metrics,
             "info": result.info, "files": [os.path.relpath(f, workdir) for f in result.files], "seconds": result.seconds,
             "hashes": {os.path.relpath(f, workdir): sha256(f) for f in files}}
+    meta["digest"] = _digest(json.loads(json.dumps(meta)))  # as it will read back
     write_json(d / "result.json", meta)  # written last: its presence means the stage completed
+
+
+def _digest(meta):
+    """Content hash of a result.json's own fields (all but "digest"): a hand-edited or
+    damaged result is recomputed, not trusted."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def _fmt_count(n):
@@ -106,8 +121,13 @@ def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
     workdir = Path(workdir)
     run_dir = workdir / "runs" / recipe.name
     export_dir = workdir / "exports" / recipe.name
-    data = load_data(recipe.data).to(dev)
-    ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, seed=recipe.seed)
+    for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
+        tmp.unlink(missing_ok=True)  # half-written by a killed run; never read, only renamed
+    data = load_data(recipe.data)
+    validate_recipe(recipe, data)
+    data = data.to(dev)
+    ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, seed=recipe.seed,
+                     logger=Tracker(run_dir, recipe, data))   # TensorBoard: runs/<recipe>/tb/
     keys = {}
     n = len(recipe.stages)
     print(f"{recipe.name}: {n} stages on {dev} ({data.name}: {len(data.train)} train / "
@@ -120,16 +140,20 @@ def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
             ctx.stage_dir = _stage_dir(run_dir, stage.name)
             torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(stage.name.encode()))
             t0 = time.perf_counter()
+            ctx.logger.begin_stage(stage.name)
             result = STAGES[stage.kind].run(stage, ctx)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             result.seconds = round(time.perf_counter() - t0, 2)
             _store(stage, key, result, run_dir, workdir)
         ctx.results[stage.name] = result
+        ctx.logger.end_stage(stage, result)
         print(summary_line(i, n, stage, result), flush=True)
     wall = time.perf_counter() - t_start
     report = build_report(recipe, ctx, wall)
     write_report(report, export_dir)
+    ctx.logger.close(report)
+    render_run(report, run_dir, export_dir)   # curves.png, pareto.png from the stored results
     print(f"report: {export_dir / 'report.md'} ({wall:.1f} s)")
     return report
 
@@ -194,10 +218,11 @@ def _reference(recipe):
     return recipe.stages[0].name
 
 
-def validate_recipe(recipe):
+def validate_recipe(recipe, data=None):
     """Check what can be checked without training: data, models, stage references and the
-    layer paths loss terms tap (resolved on each stage's model skeleton). Returns plan lines."""
-    data = load_data(recipe.data)
+    layer paths loss terms tap (resolved on each stage's model skeleton). Returns plan lines.
+    `run` makes the same checks first, so a mistake costs no training."""
+    data = data if data is not None else load_data(recipe.data)
     shape, ncls = data.input_shape, data.num_classes
 
     def build(name):

@@ -135,8 +135,8 @@ def test_fmnist_missing_everywhere_lists_tried(tmp_path, monkeypatch):
     msg = str(e.value)
     assert msg.startswith("fashion_mnist: dataset not found; tried ")
     tried = msg.removeprefix("fashion_mnist: dataset not found; tried ").split(". ")[0].split("; ")
-    assert tried == [f"root {tmp_path / 'empty'}", f"$COMPRESS_DATA {tmp_path / 'env-empty'}",
-                     f"Debian dataset-fashion-mnist {tmp_path / 'no-debian'}",
+    assert tried == [f"root {tmp_path / 'empty'}", f"$COMPRESS_DATA {tmp_path / 'env-empty'} (no such folder)",
+                     f"Debian dataset-fashion-mnist {tmp_path / 'no-debian'} (no such folder)",
                      "no download (data.download: false)"]
 
 

@@ -95,7 +95,11 @@ def new_model(recipe, name, in_channels, num_classes, salt=""):
     # from one initialisation.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(f"models.{name}{salt}".encode()))
-        model = build_model(spec)
+        try:
+            model = build_model(spec)
+        except (MemoryError, RuntimeError, OverflowError, ValueError) as e:  # e.g. width: 1e9, .inf
+            raise CompressError(f"models.{name}: cannot build {d.arch} with args {dict(d.args)} "
+                                f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})") from None
     return model, make_spec(d.arch, args)
 
 
