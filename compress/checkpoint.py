@@ -14,6 +14,12 @@ from .errors import CompressError
 from .models import build_model
 
 
+# mkstemp creates files readable by their owner alone; results get the usual mode instead.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` then rename over `path`: readers never see half a file."""
     path = Path(path)
@@ -24,6 +30,7 @@ def atomic_write(path, write):
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write
 from .errors import CompressError
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -88,20 +89,9 @@ def _strip(proto: onnx.ModelProto) -> None:
 def _atomic_write(data: bytes, path: Path) -> None:
     """Temp file in the same directory, then rename: readers never see half a file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     except OSError as e:
         raise CompressError(f"cannot write {path}: {e.strerror}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CompressError(f"cannot write {path}: {e.strerror}") from e
-        raise
 
 
 def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],

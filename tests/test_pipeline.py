@@ -1,6 +1,7 @@
 """End to end: a shortened recipe through every stage, reuse, partial re-runs, corruption."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def test_report_has_every_stage_and_verified_exports(first_run):
     ex = {(e["model"], e["format"]): e for e in rep["exports"]}
     assert set(ex) == {("teacher", "onnx-fp32"), ("distill", "onnx-fp32"), ("qat", "onnx-int8")}
     out = work / "exports" / "vgg_prune_kd"
+    umask = os.umask(0)
+    os.umask(umask)
     for e in rep["exports"]:
         assert (out / e["path"]).stat().st_size == e["bytes"]
+        assert (out / e["path"]).stat().st_mode & 0o777 == 0o666 & ~umask   # not owner-only
         assert e["latency_ms"]["b1"] > 0 and e["latency_ms"]["b64"] > 0
     # onnxruntime's top-1 on the FP32 file is the PyTorch model's (logits within 1e-4) ...
     assert ex[("teacher", "onnx-fp32")]["top1"] == pytest.approx(st["teacher"]["top1"], abs=0.2)
