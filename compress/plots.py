@@ -94,14 +94,22 @@ def plot_curves(stages, path, title=""):
     """
     from matplotlib.lines import Line2D
 
-    fig = _figure(11, 8.5)
-    ax_acc, ax_loss, ax_lr = fig.subplots(3, 1, sharex=True, height_ratios=[1.4, 1, 0.8])
+    import matplotlib
+
     spans = timeline(stages)
+    end = spans[-1][2] if spans else 1
+    fig = _figure(min(22.0, max(11.0, 8 + 0.16 * end)), 8.5)
+    ax_acc, ax_loss, ax_lr = fig.subplots(3, 1, sharex=True, height_ratios=[1.4, 1, 0.8])
     terms = sorted({k for s in stages for h in s["history"] for k in h if k.startswith("loss/")})
-    colors = {t: f"C{i + 2}" for i, t in enumerate(terms)}
+    palette = matplotlib.colormaps["tab10" if len(terms) <= 7 else "tab20"].colors
+    skip = {0, 1, 6, 7} if len(terms) <= 6 else set()   # C0/C1 are top-1, C7 the learning rate
+    palette = [c for i, c in enumerate(palette) if i not in skip]
+    colors = {t: palette[i % len(palette)] for i, t in enumerate(terms)}
+    n_trained = sum(b > a for _, a, b in spans)
+    crowded = n_trained > 5 or any(b - a < 0.06 * end for _, a, b in spans if b > a)
     total = any(sum(k.startswith("loss/") for k in h) > 1 for s in stages for h in s["history"])
     trained = [(s, a, b) for s, a, b in spans if b > a]
-    shade = 0
+    shade, points = 0, []
     for s, a, b in spans:
         h = s["history"]
         if b > a:
@@ -129,25 +137,37 @@ def plot_curves(stages, path, title=""):
             if s["top1"] is not None and not test:   # older results: only the final top-1
                 ax_acc.plot([b], [s["top1"]], "o", color="C0", ms=5)
         elif s["top1"] is not None:                   # a stage without epochs, e.g. prune
-            ax_acc.plot([a], [s["top1"]], "v", color="C3", ms=8, zorder=5)
-            ax_acc.annotate(f"{s['name']}: {s['top1']:.2f}%", (a, s["top1"]), xytext=(6, 3),
-                            textcoords="offset points", color="C3", fontsize=8, va="bottom")
+            points.append((s["name"], a, s["top1"]))
         else:
             continue
         for ax in (ax_acc, ax_loss, ax_lr):
             for x in {a, b}:
                 ax.axvline(x, color="0.45", lw=0.8, ls=":", zorder=1)
-        label = s["name"] if b > a else ""
-        if label:
-            ax_acc.text((a + b) / 2, 1.01, f"{label} ({s['kind']})", transform=ax_acc.get_xaxis_transform(),
-                        ha="center", va="bottom", fontsize=9, weight="bold")
+        if b > a:   # many stages: names only, slanted, so neighbours do not overprint
+            ax_acc.text((a + b) / 2 if not crowded else a + 0.2, 1.01,
+                        s["name"] if crowded else f"{s['name']} ({s['kind']})",
+                        transform=ax_acc.get_xaxis_transform(), ha="center" if not crowded else "left",
+                        va="bottom", fontsize=8 if crowded else 9, weight="bold", rotation=35 if crowded else 0,
+                        rotation_mode="anchor")
+    # Stages without epochs (prune) as markers; one far below the curves sits on the lower
+    # edge with its value written, so it does not squash the curves into a thin band.
+    curve = [v for s in stages for e in s["history"] for k, v in e.items() if k in ("test_top1", "train_top1")]
+    curve += [s["top1"] for s, a, b in spans if b > a and s["top1"] is not None]
+    floor = min(curve) - 4 if curve else None
+    for name, x, top1 in points:
+        off = floor is not None and top1 < floor
+        y = floor if off else top1
+        ax_acc.plot([x], [y], "v", color="C3", ms=8, zorder=5, clip_on=False)
+        ax_acc.annotate(f"{name}: {top1:.2f}%" + (" (below the axis)" if off else ""), (x, y),
+                        xytext=(6, 3), textcoords="offset points", color="C3", fontsize=8, va="bottom")
+    if floor is not None and any(t < floor for _, _, t in points):
+        ax_acc.set_ylim(bottom=floor)
     ax_acc.set_ylabel("top-1 (%)")
     ax_loss.set_ylabel("loss (weighted, per term)")
     ax_lr.set_ylabel("learning rate")
     if any(ln.get_ydata().size for ln in ax_lr.get_lines()):
         ax_lr.set_yscale("log")
     ax_lr.set_xlabel("training epochs (cumulative across stages; shaded/dotted: stage boundaries)")
-    end = spans[-1][2] if spans else 1
     ax_lr.set_xlim(0, max(end, 1) + 0.3)
     ax_lr.xaxis.get_major_locator().set_params(integer=True)
     acc_handles = [Line2D([], [], color="C0", marker="o", ms=3.5, label="test top-1 (after each epoch)"),
@@ -158,8 +178,9 @@ def plot_curves(stages, path, title=""):
     loss_handles = [Line2D([], [], color=colors[t], marker="o", ms=3, label=t) for t in terms]
     if total:
         loss_handles.append(Line2D([], [], color="k", alpha=0.6, label="loss (sum)"))
-    if loss_handles:
-        ax_loss.legend(handles=loss_handles, loc="upper right", fontsize=8)
+    if loss_handles:   # many terms: the legend goes beside the axes, not over the curves
+        outside = dict(loc="upper left", bbox_to_anchor=(1.005, 1.0)) if len(loss_handles) > 4 else {}
+        ax_loss.legend(handles=loss_handles, fontsize=8, **({"loc": "upper right"} | outside))
     for ax in (ax_acc, ax_loss, ax_lr):
         ax.grid(True, alpha=0.3)
     if not trained:
@@ -192,14 +213,16 @@ def plot_pareto(points, path, title="", label_all=True):
                 xs += [p[cost], p[cost]]
                 ys += [ys[-1], p["top1"]]
             ax.plot(xs, ys, "-", color="0.35", lw=1, zorder=1)
+        rank = {id(p): i for i, p in enumerate(sorted(points, key=lambda p: p[cost]))}
         for p, f in zip(points, flags):
             ax.scatter(p[cost], p["top1"], marker=FORMAT_MARKERS.get(p["format"], "D"), s=60,
                        color=rcolor[p["run"]], alpha=1.0 if f else 0.45, zorder=3,
                        edgecolors="k" if f else "none", linewidths=1.4)
             if f or label_all:
                 name = f"{p['model']} ({p['format'].removeprefix('onnx-')})"
+                below = rank[id(p)] % 2   # alternate above/below along x: neighbours do not collide
                 ax.annotate(f"{p['run']}: {name}" if multi else name, (p[cost], p["top1"]),
-                            xytext=(6, 5), textcoords="offset points", fontsize=7.5,
+                            xytext=(6, -11 if below else 5), textcoords="offset points", fontsize=7.5,
                             weight="bold" if f else "normal")
         vals = [p[cost] for p in points if p[cost] > 0]
         if vals and max(vals) / min(vals) > 20:
