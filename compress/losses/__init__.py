@@ -85,10 +85,12 @@ class LossTerm(nn.Module):
         self.spec = spec
 
     def student_layers(self):
-        return []
+        """Module paths of the student this term taps: its spec's `student_layers` list or
+        `student_layer` path, if it has one."""
+        return _layers(self.spec, "student")
 
     def teacher_layers(self):
-        return []
+        return _layers(self.spec, "teacher")
 
     def setup(self, student_shapes, teacher_shapes, info=None):
         """Build adapters from feature shapes ({path: shape without the batch dim}) measured
@@ -97,6 +99,11 @@ class LossTerm(nn.Module):
 
     def forward(self, student, teacher, batch):
         raise NotImplementedError
+
+
+def _layers(spec, role):
+    many, one = getattr(spec, f"{role}_layers", None), getattr(spec, f"{role}_layer", None)
+    return list(many) if many is not None else [one] if one is not None else []
 
 
 def register(name):

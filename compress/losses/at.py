@@ -53,12 +53,6 @@ class AT(LossTerm):
     spec_cls = ATSpec
     uses_teacher = True
 
-    def student_layers(self):
-        return list(self.spec.student_layers)
-
-    def teacher_layers(self):
-        return list(self.spec.teacher_layers)
-
     def forward(self, student, teacher, batch):
         s = [student.features[p].float() for p in self.spec.student_layers]
         t = [teacher.features[p].float() for p in self.spec.teacher_layers]

@@ -50,12 +50,6 @@ class Cosine(LossTerm):
     spec_cls = CosineSpec
     uses_teacher = True
 
-    def student_layers(self):
-        return list(self.spec.student_layers)
-
-    def teacher_layers(self):
-        return list(self.spec.teacher_layers)
-
     def setup(self, student_shapes, teacher_shapes, info=None):
         self.proj = nn.ModuleList(
             projection(student_shapes[s], teacher_shapes[t], f"cosine {s} -> {t}")

@@ -71,12 +71,6 @@ class CRD(LossTerm):
     spec_cls = CRDSpec
     uses_teacher = True
 
-    def student_layers(self):
-        return [self.spec.student_layer]
-
-    def teacher_layers(self):
-        return [self.spec.teacher_layer]
-
     def setup(self, student_shapes, teacher_shapes, info=None):
         n = info.num_samples if info is not None else None
         if not n or n < 2:

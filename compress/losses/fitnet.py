@@ -29,12 +29,6 @@ class FitNet(LossTerm):
     spec_cls = FitNetSpec
     uses_teacher = True
 
-    def student_layers(self):
-        return [self.spec.student_layer]
-
-    def teacher_layers(self):
-        return [self.spec.teacher_layer]
-
     def setup(self, student_shapes, teacher_shapes, info=None):
         cs = student_shapes[self.spec.student_layer][0]
         ct = teacher_shapes[self.spec.teacher_layer][0]

@@ -46,12 +46,6 @@ class NST(LossTerm):
     spec_cls = NSTSpec
     uses_teacher = True
 
-    def student_layers(self):
-        return list(self.spec.student_layers)
-
-    def teacher_layers(self):
-        return list(self.spec.teacher_layers)
-
     def forward(self, student, teacher, batch):
         total = 0.0
         for sp, tp in zip(self.spec.student_layers, self.spec.teacher_layers):

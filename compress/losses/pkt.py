@@ -46,12 +46,6 @@ class PKT(LossTerm):
     spec_cls = PKTSpec
     uses_teacher = True
 
-    def student_layers(self):
-        return [self.spec.student_layer]
-
-    def teacher_layers(self):
-        return [self.spec.teacher_layer]
-
     def forward(self, student, teacher, batch):
         s = student.features[self.spec.student_layer].float()
         with torch.autocast(s.device.type, enabled=False):   # kernel in fp32, not bf16

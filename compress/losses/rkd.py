@@ -71,12 +71,6 @@ class RKD(LossTerm):
     spec_cls = RKDSpec
     uses_teacher = True
 
-    def student_layers(self):
-        return [self.spec.student_layer]
-
-    def teacher_layers(self):
-        return [self.spec.teacher_layer]
-
     def forward(self, student, teacher, batch):
         s = student.features[self.spec.student_layer].float()
         with torch.autocast(s.device.type, enabled=False):   # distances and angles in fp32, not bf16
