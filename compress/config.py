@@ -15,9 +15,10 @@ from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origi
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CompressError, did_you_mean, unknown
+from .storage import name_problem
 
 
 class Spec(BaseModel):
@@ -172,8 +173,15 @@ class TrainingSpec(Spec):
 class StageSpec(Spec):
     """Base of stage configs. Subclasses add their own fields (one file per stage kind)."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(description="names runs/<recipe>/stages/<name>/: a safe path component")
     kind: str
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        if why := name_problem(v):
+            raise ValueError(why)
+        return v
 
     def stage_refs(self):
         """[(field, stage name)] this stage reads results from; checked to exist earlier."""
@@ -227,12 +235,19 @@ class CompareSpec(Spec):
 
 
 class Recipe(Spec):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(description="names runs/<name>/ and exports/<name>/: a safe path component")
     seed: int = 0
     data: DataSpec = DataSpec()
     models: dict[str, ModelDef] = {}
     stages: list[Any]
     compare: Optional[CompareSpec] = None
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v):
+        if why := name_problem(v):
+            raise ValueError(why)
+        return v
 
     def stage(self, name):
         return next(s for s in self.stages if s.name == name)

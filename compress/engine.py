@@ -24,6 +24,7 @@ class RunContext:
     cache: dict = field(default_factory=dict)     # run-wide cache, e.g. teacher logits
     stage_dir: object = None        # where this stage may write files
     export_dir: object = None
+    storage: object = None          # compress.storage.Storage: every delete/overwrite is checked by it
     seed: int = 0
     logger: object = None           # compress.tracking.Tracker (.epoch(stage, epoch, metrics)) or None
 

@@ -21,6 +21,7 @@ from .models import Ensemble
 from .plots import render_run
 from .report import write_report
 from .stages import STAGES, StageResult, new_model, prepare
+from .storage import Storage
 from .tracking import Tracker
 
 
@@ -71,8 +72,8 @@ def _lookup(stage, key, run_dir, ctx, workdir):
                        loader=loader if meta.get("spec") else None)
 
 
-def _store(stage, key, result, run_dir, workdir):
-    d = _stage_dir(run_dir, stage.name)
+def _store(stage, key, result, storage, workdir):
+    d = storage.owned(_stage_dir(storage.run_dir, stage.name))
     d.mkdir(parents=True, exist_ok=True)
     files = list(result.files)
     if result.model is not None:
@@ -119,15 +120,15 @@ def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
     t_start = time.perf_counter()
     dev = resolve_device(device)
     workdir = Path(workdir)
-    run_dir = workdir / "runs" / recipe.name
-    export_dir = workdir / "exports" / recipe.name
+    storage = Storage(workdir, recipe.name)   # the only folders this run deletes or overwrites in
+    run_dir, export_dir = storage.run_dir, storage.export_dir
     for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
-        tmp.unlink(missing_ok=True)  # half-written by a killed run; never read, only renamed
+        storage.remove(tmp)  # half-written by a killed run; never read, only renamed
     data = load_data(recipe.data)
     validate_recipe(recipe, data)
     data = data.to(dev)
-    ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, seed=recipe.seed,
-                     logger=Tracker(run_dir, recipe, data))   # TensorBoard: runs/<recipe>/tb/
+    ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,
+                     seed=recipe.seed, logger=Tracker(storage, recipe, data))   # TensorBoard: runs/<recipe>/tb/
     keys = {}
     n = len(recipe.stages)
     print(f"{recipe.name}: {n} stages on {dev} ({data.name}: {len(data.train)} train / "
@@ -145,13 +146,13 @@ def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             result.seconds = round(time.perf_counter() - t0, 2)
-            _store(stage, key, result, run_dir, workdir)
+            _store(stage, key, result, storage, workdir)
         ctx.results[stage.name] = result
         ctx.logger.end_stage(stage, result)
         print(summary_line(i, n, stage, result), flush=True)
     wall = time.perf_counter() - t_start
     report = build_report(recipe, ctx, wall)
-    write_report(report, export_dir)
+    write_report(report, storage.owned(export_dir / "report.json").parent)
     ctx.logger.close(report)
     render_run(report, run_dir, export_dir)   # curves.png, pareto.png from the stored results
     print(f"report: {export_dir / 'report.md'} ({wall:.1f} s)")

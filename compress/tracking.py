@@ -16,7 +16,6 @@ Tags: ``loss/<term>`` (one per named loss term), ``loss/total``, ``lr`` (the lea
 of the epoch's last step), ``top1/train``, ``top1/test`` (percent), ``throughput/images_per_s``.
 """
 
-import shutil
 from pathlib import Path
 
 import yaml
@@ -33,11 +32,6 @@ def _writer(log_dir):
     from torch.utils.tensorboard import SummaryWriter  # imported late: tensorboard is slow to import
 
     return SummaryWriter(log_dir=str(log_dir), flush_secs=30)
-
-
-def _clear(path):
-    if Path(path).is_dir():
-        shutil.rmtree(path)
 
 
 def history_steps(history, fallback_per_epoch=0):
@@ -83,11 +77,12 @@ class Tracker:
     """Writes a run's TensorBoard events; the engine calls :meth:`epoch` once per epoch
     (``ctx.logger``), the pipeline :meth:`begin_stage` / :meth:`end_stage` around each stage.
 
-    >>> t = Tracker("runs/vgg_prune_kd", recipe, data)  # doctest: +SKIP
+    >>> t = Tracker(Storage(".", "vgg_prune_kd"), recipe, data)  # doctest: +SKIP
     """
 
-    def __init__(self, run_dir, recipe, data):
-        self.root = Path(run_dir) / "tb"
+    def __init__(self, storage, recipe, data):
+        self.storage = storage          # every folder this tracker clears passes its check
+        self.root = Path(storage.run_dir) / "tb"
         self.recipe, self.data = recipe, data
         self.step = 0               # global step at the start of the current stage
         self._stage_steps = 0       # optimizer steps taken so far in the running stage
@@ -97,8 +92,8 @@ class Tracker:
         if self.root.is_dir():      # folders of stages no longer in the recipe would mislead
             for d in self.root.iterdir():
                 if d.is_dir() and d.name not in names and d.name != RECIPE_DIR:
-                    _clear(d)
-        _clear(self.root / RECIPE_DIR)
+                    storage.remove(d)
+        storage.remove(self.root / RECIPE_DIR)
         self._recipe_writer = _writer(self.root / RECIPE_DIR)
         text = yaml.safe_dump(recipe_dict(recipe), sort_keys=False)
         # four-space indent: TensorBoard renders text as markdown, this keeps it verbatim
@@ -112,7 +107,7 @@ class Tracker:
 
     def begin_stage(self, name):
         """The stage `name` is about to run (not reused): its old events are replaced."""
-        _clear(self.root / name)
+        self.storage.remove(self.root / name)
         self._running, self._stage_steps = name, 0
 
     def epoch(self, name, epoch, m):

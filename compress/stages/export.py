@@ -75,6 +75,8 @@ def run(cfg, ctx):
         model = ctx.results[item.model].get_model().eval()
         fmt = item.format
         path = out_dir / f"{item.model}-{fmt.removeprefix('onnx-')}.onnx"
+        if ctx.storage is not None:
+            ctx.storage.owned(path)   # overwritten only inside exports/<recipe>/
         check = {}
         if fmt == "onnx-fp32":
             if is_quantized(model):
