@@ -9,75 +9,10 @@ code.
 import torch
 from torch import nn
 
-from .errors import CompressError
-from .registry import Registry
+from ..errors import CompressError
+from ..registry import Registry
 
-MODELS = Registry("model")
-
-# CIFAR-style VGG configs (Simonyan & Zisserman 2015, BN variant): ints are 3x3 conv
-# widths, "M" a 2x2 max-pool.
-VGG_CFGS = {
-    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"],
-    # 0.54M params at 28x28: reaches ~92.6% on Fashion-MNIST in 4 CPU epochs.
-    "vgg_small": [32, "M", 64, "M", 128, 128, "M", 256],
-}
-
-
-class VGG(nn.Sequential):
-    """VGG with BatchNorm: ``features`` (conv-bn-relu / max-pool), global average
-    pool, flatten, linear ``classifier``. A Sequential so the layer order is explicit.
-
-    >>> VGG([16, "M", 32], in_channels=1, num_classes=10)(torch.zeros(2, 1, 28, 28)).shape
-    torch.Size([2, 10])
-    """
-
-    def __init__(self, cfg, in_channels=3, num_classes=10):
-        layers, c = [], in_channels
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)),
-                           nn.ReLU(inplace=True)]
-                c = int(v)
-        super().__init__()
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.classifier = nn.Linear(c, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-
-def _vgg_factory(name):
-    def make(in_channels=3, num_classes=10, width=1.0, cfg=None):
-        base = cfg if cfg is not None else VGG_CFGS[name]
-        scaled = [v if v == "M" else max(1, int(round(int(v) * width))) for v in base]
-        return VGG(scaled, in_channels=in_channels, num_classes=num_classes)
-
-    make.__name__ = name
-    make.__doc__ = f"{name}: VGG-BN, cfg {VGG_CFGS[name]} scaled by `width`; `cfg` replaces it."
-    return make
-
-
-for _name in VGG_CFGS:
-    MODELS.register(_name)(_vgg_factory(_name))
-
-
-def validate_cfg(cfg):
-    """None if a VGG cfg list is well formed, else what is wrong."""
-    if not isinstance(cfg, (list, tuple)) or not cfg:
-        return "must be a non-empty list of positive ints and 'M'"
-    for v in cfg:
-        if not (v == "M" or (isinstance(v, int) and not isinstance(v, bool) and v > 0)):
-            return f"must be a non-empty list of positive ints and 'M', got element {v!r}"
-    return None
-
+MODELS = Registry("model")   # filled by one file per architecture family in this folder
 
 # ---- architecture specs ------------------------------------------------------------
 
@@ -168,3 +103,13 @@ class Ensemble(nn.Module):
 def ensemble_spec(member_specs, weights=None):
     """Architecture spec of an Ensemble: rebuilt member by member."""
     return {"arch": "ensemble", "members": list(member_specs), "weights": weights}
+
+
+# Import every architecture file so its @MODELS.register runs (after the helpers above exist).
+import importlib as _importlib  # noqa: E402
+import pkgutil as _pkgutil  # noqa: E402
+
+for _m in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_m.name}")
+
+from .vgg import VGG, VGG_CFGS, validate_cfg  # noqa: E402,F401  (the names other modules import)

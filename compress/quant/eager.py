@@ -28,7 +28,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers quantized_d
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import CompressError
+from ..errors import CompressError
 
 _QD = torch.ops.quantized_decomposed
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
