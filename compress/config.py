@@ -168,6 +168,11 @@ class TrainingSpec(Spec):
     warmup: float = Field(0.25, ge=0, lt=1, description="OneCycle warm-up fraction")
     augment: AugmentSpec = AugmentSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Measured on vgg_small (2 cores): a whole test-set pass costs ~6% of a teacher epoch
+    # and ~3% of a pruned student's; the final evaluation always runs on the whole test set.
+    eval_every: int = Field(1, ge=0, description="test top-1 after every k-th epoch (0: only after the last)")
+    eval_subset: Optional[int] = Field(None, ge=1, description="test images for the evaluations before "
+                                       "the last (the first N); the last always uses the whole test set")
 
 
 class StageSpec(Spec):

@@ -58,5 +58,5 @@ def run(cfg, ctx):
     history = fit(model, objective, cfg, ctx, name=cfg.name)
     cached = objective.teacher_logits is not None
     return StageResult(spec=make_spec(spec["arch"], spec["args"], model), model=model,
-                       metrics=describe(model, ctx),
+                       metrics=describe(model, ctx, history=history),
                        info={"history": history, "teacher_logits_cached": cached})

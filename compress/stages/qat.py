@@ -75,5 +75,6 @@ def run(cfg, ctx):
     history = fit(qmodel, objective, cfg, ctx, name=cfg.name, on_epoch_start=phase)
     set_qat_phase(qmodel, observers=False, bn_stats=False)
     spec = {**copy.deepcopy(src.spec), "quant": {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits}}
-    return StageResult(spec=spec, model=qmodel, metrics=describe(qmodel, ctx, cost_model=float_model),
+    return StageResult(spec=spec, model=qmodel,
+                       metrics=describe(qmodel, ctx, cost_model=float_model, history=history),
                        info={"history": history})

@@ -35,4 +35,4 @@ def run(cfg, ctx):
     objective = Objective([CESpec(label_smoothing=cfg.label_smoothing)], model).to(ctx.device)
     history = fit(model, objective, cfg, ctx, name=cfg.name)
     return StageResult(spec=make_spec(spec["arch"], spec["args"], model), model=model,
-                       metrics=describe(model, ctx), info={"history": history})
+                       metrics=describe(model, ctx, history=history), info={"history": history})
