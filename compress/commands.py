@@ -157,20 +157,26 @@ def cpu_vnni(cpuinfo="/proc/cpuinfo"):
 
 def bench(path, batches=(1, 64), threads=None, runs=50):
     """{batch: {"median", "p90" (ms), "images_per_s"}} measured by onnxruntime on the CPU."""
-    from .onnx_io import ort_latency_ms
+    return bench_side_by_side([path], batches, threads, runs)[0]
 
-    out = {}
+
+def bench_side_by_side(paths, batches=(1, 64), threads=None, runs=50):
+    """`bench` of several files, measured in turns (see ``ort_latency_side_by_side``):
+    one {batch: {...}} per file."""
+    from .onnx_io import ort_latency_side_by_side
+
+    out = [{} for _ in paths]
     for b in batches:
-        lat = ort_latency_ms(path, b, runs=runs, threads=threads)
-        out[b] = {"median": lat["median"], "p90": lat["p90"],
-                  "images_per_s": b / max(lat["median"] / 1e3, 1e-12)}
+        for o, lat in zip(out, ort_latency_side_by_side(paths, b, runs=runs, threads=threads)):
+            o[b] = {"median": lat["median"], "p90": lat["p90"],
+                    "images_per_s": b / max(lat["median"] / 1e3, 1e-12)}
     return out
 
 
 def _twin_for(path, compare):
-    """(FP32 twin path, how it was found) or (None, why not)."""
+    """([files to compare with], how they were found) or ([], why not)."""
     if compare:
-        return _onnx_file(compare), "--compare"
+        return [_onnx_file(c) for c in compare], "--compare"
     report, entry = _find_report(path)
     if entry is None:
         return None, "no report.json entry next to the file; pass --compare FP32.onnx"
@@ -178,9 +184,9 @@ def _twin_for(path, compare):
 
     twin = fp32_twin(report, entry)
     if twin is None or twin["path"] == entry["path"]:
-        return None, "the run exported no FP32 twin; pass --compare FP32.onnx"
+        return [], "the run exported no FP32 twin; pass --compare FP32.onnx"
     p = Path(path).parent / twin["path"]
-    return (p, "report.json") if p.is_file() else (None, f"twin {p} is missing")
+    return ([p], "report.json") if p.is_file() else ([], f"twin {p} is missing")
 
 
 def cmd_bench(args):
@@ -201,7 +207,10 @@ def cmd_bench(args):
     threads = args.threads or f"default ({os.cpu_count()} cores)"
     print(f"{path.name}: {path.stat().st_size / 1024:.1f} KB, {'INT8' if int8 else 'FP32'}; "
           f"onnxruntime {ort.__version__}, CPU, threads {threads}, median of {args.runs} runs")
-    res = bench(path, args.batch, args.threads, args.runs)
+    others, how = _twin_for(path, args.compare) if (int8 or args.compare) else ([], "")
+    # All files are timed in turns, so their ratios hold on a machine whose load changes.
+    measured = bench_side_by_side([path, *others], args.batch, args.threads, args.runs)
+    res = measured[0]
     print(f"  {'batch':>5}  {'median (ms)':>11}  {'p90 (ms)':>9}  {'images/s':>10}")
     for b, r in res.items():
         print(f"  {b:>5}  {r['median']:>11.3f}  {r['p90']:>9.3f}  {r['images_per_s']:>10.0f}")
@@ -219,10 +228,10 @@ def cmd_bench(args):
         else:
             print("integer kernels after graph optimisation: no — onnxruntime runs "
                   f"{', '.join(k for k in kernels if k in QDQ_OPS + FLOAT_HEAVY) or 'float ops'} instead")
-    twin, how = _twin_for(path, args.compare) if (int8 or args.compare) else (None, "")
-    if twin is not None:
-        ref = bench(twin, args.batch, args.threads, args.runs)
-        label = "its FP32 twin" if int8 else "the other file"
+    if len(others) > 1 or (others and args.compare):
+        _print_side_by_side([path, *others], measured, args.batch)
+    for twin, ref in zip(others, measured[1:]):
+        label = "its FP32 twin" if int8 and len(others) == 1 else "the other file"
         for b in args.batch:
             q, f = res[b]["median"], ref[b]["median"]
             if q < f:
@@ -231,9 +240,23 @@ def cmd_bench(args):
             else:
                 print(f"{path.name} is not faster than {label} {twin.name} at batch {b} "
                       f"({q:.3f} ms vs {f:.3f} ms).")
-    elif int8:
+    if not others and int8:
         print(f"no FP32 twin compared: {how}")
     return 0
+
+
+def _print_side_by_side(paths, measured, batches):
+    """One table per batch size: each file's median and p90 and its median over the first's."""
+    names = [str(p) if len({q.name for q in paths}) < len(paths) else p.name for p in paths]
+    w = max(len(n) for n in names)
+    print("side by side (timed in turns; ratio = median / the first file's median):")
+    for b in batches:
+        print(f"  batch {b}:  {'file':<{w}}  {'median (ms)':>11}  {'p90 (ms)':>9}  {'images/s':>10}  {'ratio':>6}")
+        first = measured[0][b]["median"]
+        for n, r in zip(names, measured):
+            r = r[b]
+            print(f"  {'':<{len(str(b)) + 8}}{n:<{w}}  {r['median']:>11.3f}  {r['p90']:>9.3f}  "
+                  f"{r['images_per_s']:>10.0f}  {r['median'] / first:>5.2f}×")
 
 
 # ---- compare ---------------------------------------------------------------------------------
@@ -401,7 +424,8 @@ def add_subcommands(sub):
     b.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
     b.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: onnxruntime's)")
     b.add_argument("--runs", type=int, default=50, help="timed runs per batch size (default: 50)")
-    b.add_argument("--compare", metavar="OTHER.onnx", help="also time this file (default for an INT8 "
+    b.add_argument("--compare", nargs="+", metavar="OTHER.onnx", help="also time these files, in turns "
+                   "with MODEL, and print each one's latency and ratio to MODEL (default for an INT8 "
                    "file: its FP32 twin from report.json next to it)")
     b.set_defaults(handler=cmd_bench)
 

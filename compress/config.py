@@ -173,6 +173,8 @@ class TrainingSpec(Spec):
     eval_every: int = Field(1, ge=0, description="test top-1 after every k-th epoch (0: only after the last)")
     eval_subset: Optional[int] = Field(None, ge=1, description="test images for the evaluations before "
                                        "the last (the first N); the last always uses the whole test set")
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="decay per step of an exponential moving "
+                                 "average of the weights and BN statistics, which becomes the result")
 
 
 class StageSpec(Spec):

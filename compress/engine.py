@@ -83,8 +83,10 @@ def build_scheduler(spec, optimizer, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, steps, desc="", batch_size=1):
-    """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`.
+def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, steps, desc="", batch_size=1,
+                    after_step=None):
+    """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`;
+    `after_step(model)` runs after each optimizer step (e.g. a weight average's update).
 
     Metrics accumulate on the device and are read once at the end (no per-step sync,
     except a progress-bar refresh every 50 steps). Returns {"loss/<term>": mean, "train_top1": %,
@@ -105,6 +107,8 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
         lr = optimizer.param_groups[0]["lr"]   # the rate this step uses (the scheduler moves it next)
         optimizer.step()
         scheduler.step()
+        if after_step is not None:
+            after_step(model)
         n_steps += 1
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach().float() * len(batch.y)
@@ -161,6 +165,12 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     steps = num_batches(len(data), spec.batch_size, drop_last=True)
     scheduler = build_scheduler(spec, optimizer, steps * spec.epochs)
     gen = ctx.generator(salt=zlib.crc32(name.encode()))
+    averaged = None
+    if spec.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        # BN statistics are averaged too (use_buffers), so the average is evaluated as is.
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
     history = []
     for epoch in range(spec.epochs):
         if on_epoch_start:
@@ -168,13 +178,17 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
         batches = iterate(data, ctx.data, spec.batch_size, shuffle=True, augment=spec.augment,
                           generator=gen, channels_last=True, drop_last=True)
         m = train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, steps=steps,
-                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size)
+                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size,
+                            after_step=averaged.update_parameters if averaged is not None else None)
         last = epoch == spec.epochs - 1
+        if averaged is not None and last:   # the average is the result
+            model.load_state_dict(averaged.module.state_dict())
+        evaluated = averaged.module if averaged is not None and not last else model
         if last or (spec.eval_every and (epoch + 1) % spec.eval_every == 0):
             split = ctx.data.test
             if not last and spec.eval_subset and spec.eval_subset < len(split):
                 split = Split(split.x[:spec.eval_subset], split.y[:spec.eval_subset])
-            m["test_top1"], m["test_images"] = evaluate(model, ctx, split), len(split)
+            m["test_top1"], m["test_images"] = evaluate(evaluated, ctx, split), len(split)
         history.append(m)
         if ctx.logger:
             ctx.logger.epoch(name, epoch, m)

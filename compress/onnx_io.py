@@ -86,6 +86,46 @@ def _strip(proto: onnx.ModelProto) -> None:
     proto.doc_string = ""
 
 
+def _global_pools(proto: onnx.ModelProto) -> int:
+    """Rewrite each ReduceMean over the two spatial axes of a 4-D tensor (keepdims), which
+    is what the exporter makes of ``AdaptiveAvgPool2d(1)``, as GlobalAveragePool: the same
+    values, but onnxruntime fuses DequantizeLinear -> GlobalAveragePool -> QuantizeLinear
+    into the integer QLinearGlobalAveragePool (in the NHWC layout of its QLinearConvs),
+    where a ReduceMean stays a float op between a dequantize and a quantize. Returns how
+    many nodes were rewritten."""
+    g = proto.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
+        return 0
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+             if v.type.tensor_type.HasField("shape")}
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    consts.update({n.output[0]: onnx.numpy_helper.to_array(a.t) for n in g.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    done = 0
+    for n in g.node:
+        if n.op_type != "ReduceMean" or ranks.get(n.input[0]) != 4 or len(n.input) != 2:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        axes = consts.get(n.input[1])
+        if attrs.get("keepdims", 1) != 1 or axes is None or sorted(int(a) % 4 for a in axes.ravel()) != [2, 3]:
+            continue
+        n.op_type = "GlobalAveragePool"
+        del n.input[1:]
+        del n.attribute[:]
+        done += 1
+    if done:   # the axes those ReduceMeans read, if nothing else reads them
+        used = {i for n in g.node for i in n.input}
+        keep = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        for n in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
+            g.node.remove(n)
+    return done
+
+
 def _atomic_write(data: bytes, path: Path) -> None:
     """Temp file in the same directory, then rename: readers never see half a file."""
     try:
@@ -128,6 +168,7 @@ def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
             proto = program.model_proto
     except Exception as e:  # the exporter raises many types; the user needs one line
         raise CompressError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from e
+    _global_pools(proto)
     _strip(proto)
     onnx.helper.set_model_props(proto, {
         **metadata,
@@ -214,6 +255,36 @@ def ort_latency_ms(path, batch: int, *, warmup: int = 5, runs: int = 30,
         sess.run(None, {inp.name: x})
         times.append((time.perf_counter() - t0) * 1e3)
     return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}
+
+
+def ort_latency_side_by_side(paths, batch: int, *, warmup: int = 5, runs: int = 30,
+                             threads: int | None = None) -> list[dict]:
+    """`ort_latency_ms` of several files measured in turns (one call of each file per
+    round), so that a load which comes and goes on a shared machine slows them alike and
+    their ratios stay meaningful. One ``{"median": ms, "p90": ms}`` per file.
+
+    >>> ort_latency_side_by_side(["int8.onnx", "fp32.onnx"], 64, threads=2)  # doctest: +SKIP
+    [{'median': 1.1, 'p90': 1.3}, {'median': 1.6, 'p90': 1.9}]
+    """
+    feeds = []
+    for path in paths:
+        sess = ort_session(path, threads)
+        inp = sess.get_inputs()[0]
+        chw = inp.shape[1:]
+        if not all(isinstance(d, int) for d in chw):
+            raise CompressError(f"{path}: input shape {inp.shape} is not fixed beyond the batch axis")
+        x = np.random.default_rng(0).random((batch, *chw), dtype=np.float32)
+        feeds.append((sess, {inp.name: x}))
+    for sess, feed in feeds:
+        for _ in range(warmup):
+            sess.run(None, feed)
+    times = [[] for _ in feeds]
+    for _ in range(runs):
+        for t, (sess, feed) in zip(times, feeds):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            t.append((time.perf_counter() - t0) * 1e3)
+    return [{"median": float(np.median(t)), "p90": float(np.percentile(t, 90))} for t in times]
 
 
 def int8_kernels(path) -> list[str]:

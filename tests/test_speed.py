@@ -69,3 +69,40 @@ def test_eval_only_at_the_end(tmp_path):
 def test_default_evaluates_every_epoch_on_the_whole_test_set(tmp_path):
     _, history, _ = _run(tmp_path, epochs=2)
     assert [h["test_images"] for h in history] == [N_TEST, N_TEST]
+
+
+def test_ema_result_is_the_average(tmp_path):
+    import torch
+
+    from compress.config import TrainingSpec
+    from compress.data import Batch, Data, Split
+    from compress.engine import RunContext, fit
+    from compress.losses import Objective
+    from compress.losses.ce import CESpec
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (64, 1, 8, 8), generator=g, dtype=torch.uint8), torch.arange(64) % 2)
+    data = Data("toy", ["a", "b"], split, split, [0.5], [0.25])
+    recipe = load_recipe(_recipe(tmp_path))
+    ctx = RunContext(recipe=recipe, data=data, device=torch.device("cpu"))
+    runs = {}
+    for ema in (None, 0.5):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+        start = [p.detach().clone() for p in model.parameters()]
+        spec = TrainingSpec(epochs=2, batch_size=16, ema=ema, optimizer={"name": "sgd", "lr": 0.5})
+        fit(model, Objective([CESpec()], model), spec, ctx, name="toy")
+        runs[ema] = [p.detach().clone() for p in model.parameters()]
+    # the same steps were taken, but the kept weights are the average, not the last step's
+    assert all(not torch.equal(a, b) for a, b in zip(start, runs[0.5]))
+    assert any(not torch.equal(x, y) for x, y in zip(runs[None], runs[0.5]))
+
+
+def test_ema_refused_in_qat(tmp_path):
+    path = _recipe(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"] = json.loads(json.dumps(TINY_RECIPE["stages"][:4]))
+    raw["stages"][3]["ema"] = 0.99
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CompressError, match=r"^stages\[3\]\.ema: not available in a qat stage"):
+        load_recipe(path)

@@ -35,6 +35,9 @@ class QATStage(StageSpec, TrainingSpec):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.ema is not None:
+            raise ValueError("ema: not available in a qat stage (its observer ranges and phase flags "
+                             "are buffers that cannot be averaged); average in the stage it starts from")
         for f in ("freeze_bn_epoch", "freeze_observers_epoch"):
             if getattr(self, f) > self.epochs:
                 raise ValueError(f"{f}: must be <= epochs ({self.epochs}), got {getattr(self, f)}")
