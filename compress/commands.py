@@ -14,7 +14,8 @@ from .errors import CompressError, unknown
 
 # Op types onnxruntime runs as integer kernels after fusing a QDQ graph (CPU provider).
 INTEGER_KERNELS = ("QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul",
-                   "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+                   "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearGlobalAveragePool",
+                   "QLinearAveragePool", "QLinearAdd", "QLinearConcat", "NhwcMaxPool")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
 FLOAT_HEAVY = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
 
@@ -251,11 +252,11 @@ def _print_side_by_side(paths, measured, batches):
     w = max(len(n) for n in names)
     print("side by side (timed in turns; ratio = median / the first file's median):")
     for b in batches:
-        print(f"  batch {b}:  {'file':<{w}}  {'median (ms)':>11}  {'p90 (ms)':>9}  {'images/s':>10}  {'ratio':>6}")
+        print(f"  batch {b}\n    {'file':<{w}}  {'median (ms)':>11}  {'p90 (ms)':>9}  {'images/s':>10}  {'ratio':>6}")
         first = measured[0][b]["median"]
         for n, r in zip(names, measured):
             r = r[b]
-            print(f"  {'':<{len(str(b)) + 8}}{n:<{w}}  {r['median']:>11.3f}  {r['p90']:>9.3f}  "
+            print(f"    {n:<{w}}  {r['median']:>11.3f}  {r['p90']:>9.3f}  "
                   f"{r['images_per_s']:>10.0f}  {r['median'] / first:>5.2f}×")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
+from .commands import cpu_vnni
 from .data import load_data
 from .engine import RunContext
 from .errors import CompressError
@@ -190,7 +191,9 @@ def build_report(recipe, ctx, wall):
         "environment": {"device": str(ctx.device), "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(),
+                        # VNNI decides whether onnxruntime's integer kernels pay (report.md says so)
+                        "vnni": cpu_vnni()},
     }
 
 

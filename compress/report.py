@@ -105,8 +105,8 @@ def render_markdown(report):
                                  f"batch {b[1:]} ({q:.3f} ms vs {f:.3f} ms).")
                 else:
                     lines.append(f"- `{e['path']}` is **not faster** than its FP32 twin `{twin['path']}` at "
-                                 f"batch {b[1:]} ({q:.3f} ms vs {f:.3f} ms): for a model this small, "
-                                 "quantize/dequantize and layout changes cost more than integer kernels save.")
+                                 f"batch {b[1:]}: {q:.3f} ms vs {f:.3f} ms ({q / f:.2f}× the latency, "
+                                 f"{q - f:+.3f} ms), {_why_not_faster(report, e, b, q)}.")
             lines.append(f"- Size: {_size(e['bytes'])} vs {_size(twin['bytes'])} "
                          f"({twin['bytes'] / e['bytes']:.1f}× smaller); top-1 {_pct(e['top1'])}% vs "
                          f"{_pct(twin['top1'])}%.")
@@ -122,6 +122,23 @@ def render_markdown(report):
                 lines.append(f"- `{e['path']}`: top-1 agreement with the fake-quant model "
                              f"{100 * c['top1_agreement']:.2f}%{ptq}.")
     return "\n".join(lines) + "\n"
+
+
+def _why_not_faster(report, export, batch, ms):
+    """One clause saying why an INT8 file did not beat its FP32 twin, from what the run
+    measured: the CPU's VNNI flags, the batch, the model's MACs."""
+    vnni = report.get("environment", {}).get("vnni")
+    macs = next((s.get("macs") for s in report["stages"] if s["name"] == export["model"]), None)
+    if vnni == []:
+        return ("because this CPU has no VNNI: onnxruntime's integer convolutions then multiply in "
+                "16-bit steps and gain little over FP32, while quantizing, dequantizing and layout "
+                "changes still cost")
+    if batch == "b1":
+        return (f"because a call this short ({ms:.3f} ms) is dominated by fixed costs (quantizing the "
+                "input, layout changes, dequantizing the logits) that the integer arithmetic does not repay")
+    size = f"only {macs / 1e6:.1f}M multiply-adds per image" if macs else "little arithmetic"
+    return (f"because the model has {size}: quantizing, dequantizing and layout changes cost about "
+            "what the integer kernels save")
 
 
 def write_report(report, export_dir):

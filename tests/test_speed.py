@@ -2,6 +2,7 @@
 INT8 graph that make it fast (no layout transposes, pools and flatten kept integer)."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -106,3 +107,85 @@ def test_ema_refused_in_qat(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(CompressError, match=r"^stages\[3\]\.ema: not available in a qat stage"):
         load_recipe(path)
+
+
+# ---- the INT8 graph onnxruntime runs, and `bench --compare` ------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """FP32 and INT8 files of one small VGG (channels a multiple of 8, as `round_to: 8`
+    prunes them), calibrated on random images: graph structure does not need training."""
+    import torch
+
+    from compress.models import VGG
+    from compress.onnx_io import export_onnx
+    from compress.quant import QuantSpec, calibrate, quantize_model
+    from compress.quant.eager import to_int8_module
+
+    torch.manual_seed(0)
+    model = VGG([8, "M", 16, "M", 16, 16, "M", 24], in_channels=1).eval()
+    q = quantize_model(model, QuantSpec())
+    calibrate(q, [torch.rand(32, 1, 28, 28) for _ in range(2)])
+    d = tmp_path_factory.mktemp("onnx")
+    kw = dict(input_shape=(1, 28, 28), mean=[0.286], std=[0.353], metadata={"format": "x"})
+    export_onnx(model, d / "fp32.onnx", **{**kw, "metadata": {"format": "onnx-fp32"}})
+    export_onnx(to_int8_module(q), d / "int8.onnx", **{**kw, "metadata": {"format": "onnx-int8"}})
+    export_onnx(model, d / "other.onnx", **{**kw, "metadata": {"format": "onnx-fp32"}})
+    return d
+
+
+def _optimized_ops(path, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+def test_global_pool_exported_as_globalaveragepool(exported):
+    import onnx
+
+    for name in ("fp32.onnx", "int8.onnx"):
+        graph = onnx.load(str(exported / name)).graph
+        ops = [n.op_type for n in graph.node]
+        assert "GlobalAveragePool" in ops and "ReduceMean" not in ops, name
+        used = {i for n in graph.node for i in n.input}
+        assert all(i.name in used for i in graph.initializer), "the ReduceMean axes are left behind"
+
+
+def test_int8_graph_stays_integer_from_first_conv_to_the_logits(exported, tmp_path):
+    ops = _optimized_ops(exported / "int8.onnx", tmp_path)
+    # one quantize at the input, one dequantize of the logits; nothing in between leaves int8
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
+    assert ops[-1] == "DequantizeLinear"
+    assert ops.count("QLinearConv") == 5 and "QLinearGlobalAveragePool" in ops and "QGemm" in ops, ops
+    assert not {"Conv", "FusedConv", "Gemm", "ReduceMean", "GlobalAveragePool", "AveragePool"} & set(ops), ops
+    # max-pools run on the quantized NHWC tensors of the integer convolutions
+    assert ops.count("NhwcMaxPool") == 3, ops
+    # layout changes only at the edges: into NHWC before the first conv, out after the pool
+    first, last = ops.index("QLinearConv"), ops.index("QLinearGlobalAveragePool")
+    assert "Transpose" not in ops[first:last], ops
+    assert ops.count("Transpose") <= 2, ops
+
+
+def test_bench_compare_several_files(exported, capsys):
+    files = [str(exported / n) for n in ("int8.onnx", "fp32.onnx", "other.onnx")]
+    assert main(["bench", files[0], "--compare", *files[1:], "--batch", "1", "4", "--runs", "5",
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "side by side (timed in turns; ratio = median / the first file's median)" in out
+    for b in (1, 4):
+        block = out.split(f"  batch {b}\n", 1)[1].splitlines()[:4]
+        assert block[0].split() == ["file", "median", "(ms)", "p90", "(ms)", "images/s", "ratio"]
+        rows = [r.split() for r in block[1:]]
+        assert [r[0] for r in rows] == ["int8.onnx", "fp32.onnx", "other.onnx"]
+        medians = [float(r[1]) for r in rows]
+        assert all(float(r[2]) >= float(r[1]) for r in rows)             # p90 >= median
+        assert rows[0][4] == "1.00×"
+        assert [float(r[4].rstrip("×")) for r in rows[1:]] == pytest.approx(
+            [m / medians[0] for m in medians[1:]], rel=0.05, abs=0.006)   # printed rounded
+    assert re.search(r"^int8\.onnx is .* the other file other\.onnx at batch 4 ", out, re.M)

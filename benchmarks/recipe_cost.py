@@ -1,0 +1,132 @@
+"""The default recipe's whole cost in a unit that travels between machines: epochs of a
+plain PyTorch training loop of its teacher, measured on the same machine in the same run.
+
+    python benchmarks/recipe_cost.py [RECIPE] [--set PATH=VALUE ...] [--threads N]
+
+1. one epoch of a plain loop (`throughput.plain_loop`: vgg_small, batch 256,
+   channels_last, the training set as one in-memory tensor, SGD) over the whole training set;
+2. `compress run RECIPE --fresh` in a temporary work directory, timed from outside
+   (process start-up, data loading and every stage included);
+3. the plain epoch again (the load of a shared machine drifts; both are printed and their
+   mean is the unit);
+4. `compress bench` of the INT8 student against its FP32 twin, timed in turns.
+
+It prints the machine (lscpu model and flags, library versions, threads), the stage times,
+the ratio wall / plain epoch, and the default recipe's targets: ratio <= 6, INT8 top-1 >= 92.5%
+in onnxruntime, <= 10% of the teacher's parameters, INT8 file <= 4% of the teacher's FP32
+file, INT8 batch-64 latency <= 0.75x its FP32 twin's.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from throughput import BATCH, fmnist_source, machine_lines, plain_loop  # noqa: E402
+
+from compress.data import fashion_mnist  # noqa: E402
+from compress.models import build_model  # noqa: E402
+
+TARGETS = {"ratio": 6.0, "int8_top1": 92.5, "params": 0.10, "file": 0.04, "latency_b64": 0.75}
+
+
+def plain_epoch(data, threads):
+    """Seconds of one plain-loop epoch of a fresh vgg_small over the whole training set."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model({"arch": "vgg_small", "args": {"in_channels": 1, "num_classes": 10}})
+    model = model.to(memory_format=torch.channels_last)
+    tensors = {"x": (data.train.x.float() / 255 - data.mean[0]) / data.std[0], "y": data.train.y}
+    gen = torch.Generator().manual_seed(0)
+    plain_loop(model, tensors, torch.device("cpu"), 3, gen)       # warm-up (allocator, kernels)
+    t0 = time.perf_counter()
+    plain_loop(model, tensors, torch.device("cpu"), len(data.train) // BATCH, gen)
+    return time.perf_counter() - t0
+
+
+def b64_ratio(bench_out):
+    """INT8 / FP32 median latency at batch 64 from `compress bench --compare`'s side-by-side
+    table (its ratio column is each file's median over the first file's, the INT8 one)."""
+    batch, rows = None, {}
+    for line in bench_out.splitlines():
+        if m := re.match(r"^\s+batch (\d+)$", line):
+            batch = int(m.group(1))
+        elif m := re.match(r"^\s+(\S+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)×$", line):
+            rows.setdefault(batch, []).append(float(m.group(2)))
+    r = rows.get(64, [])
+    return r[0] / r[1] if len(r) >= 2 else float("nan")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", nargs="?", default="recipes/vgg_prune_kd.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="threads of the plain loop; the recipe uses torch's default (same unless set)")
+    a = p.parse_args()
+    print("\n".join(machine_lines(a.threads)))
+    data = fashion_mnist(root=str(fmnist_source()))
+    before = plain_epoch(data, a.threads)
+    print(f"plain PyTorch epoch (vgg_small, {len(data.train)} images, batch {BATCH}): {before:.1f} s", flush=True)
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    with tempfile.TemporaryDirectory() as work:
+        cmd = [sys.executable, "-m", "compress", "run", a.recipe, "--workdir", work, "--device", "cpu",
+               "--fresh", *sum((["--set", s] for s in a.overrides), [])]
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        wall = time.perf_counter() - t0
+        exp = next(Path(work, "exports").glob("*/report.json")).parent
+        rep = json.loads((exp / "report.json").read_text())
+        after = plain_epoch(data, a.threads)
+        print(f"plain PyTorch epoch again: {after:.1f} s")
+        ex = {(e["model"], e["format"]): e for e in rep["exports"]}
+        q = next((e for e in rep["exports"] if e["format"] == "onnx-int8"), None)
+        twin = ex.get((rep["stages"][[s["name"] for s in rep["stages"]].index(q["model"]) - 1]["name"],
+                       "onnx-fp32")) if q else None
+        bench_out = ""
+        if q and twin:
+            bcmd = [sys.executable, "-m", "compress", "bench", str(exp / q["path"]), "--compare",
+                    str(exp / twin["path"]), "--batch", "1", "64", "--runs", "200", "--threads", str(a.threads)]
+            print("$ " + " ".join(bcmd[1:]).replace(str(exp), "exports/<recipe>"), flush=True)
+            bench_out = subprocess.run(bcmd, check=True, env=env, capture_output=True, text=True,
+                                       cwd=Path(__file__).resolve().parents[1]).stdout
+            print(bench_out)
+    unit = (before + after) / 2
+    total = rep["total_seconds"]
+    print(f"{'stage':<12}{'kind':<9}{'seconds':>9}{'plain epochs':>14}{'top1 %':>9}")
+    for s in rep["stages"]:
+        print(f"{s['name']:<12}{s['kind']:<9}{s['seconds']:>9.1f}{s['seconds'] / unit:>14.2f}"
+              f"{s['top1'] if s['top1'] is not None else '':>9}")
+    print(f"{'stages':<21}{total:>9.1f}{total / unit:>14.2f}")
+    ratio = wall / unit
+    print(f"\nwall (process, incl. start-up and data) {wall:.1f} s; plain epoch {before:.1f} / {after:.1f} s "
+          f"(mean {unit:.1f} s)\nrecipe wall / plain teacher epoch: {ratio:.2f}x")
+    if not q:
+        return 0
+    ref = ex.get((rep["reference"], "onnx-fp32"))
+    st = {s["name"]: s for s in rep["stages"]}
+    params = st[q["model"]]["params"] / st[rep["reference"]]["params"]
+    size = q["bytes"] / ref["bytes"] if ref else float("nan")
+    lat = b64_ratio(bench_out)
+    checks = [(f"wall <= {TARGETS['ratio']:g}x a plain teacher epoch ({ratio:.2f}x)", ratio <= TARGETS["ratio"]),
+              (f"INT8 top-1 >= {TARGETS['int8_top1']}% ({q['top1']:.2f}%)", q["top1"] >= TARGETS["int8_top1"]),
+              (f"params <= 10% of the teacher's ({100 * params:.2f}%)", params <= TARGETS["params"]),
+              (f"INT8 file <= 4% of the teacher's FP32 file ({100 * size:.2f}%)", size <= TARGETS["file"]),
+              (f"INT8 b64 latency <= 0.75x its FP32 twin's ({lat:.2f}x)", lat <= TARGETS["latency_b64"])]
+    print("\ntargets:\n" + "\n".join(f"  {'yes' if ok else 'NO '}  {n}" for n, ok in checks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
