@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-GOALS = {"wall_seconds": 480, "int8_top1": 92.0, "params_ratio": 0.10, "file_ratio": 0.05}
+# The default recipe's targets; its cost in plain teacher epochs is benchmarks/recipe_cost.py's.
+GOALS = {"wall_seconds": 480, "int8_top1": 92.5, "params_ratio": 0.10, "file_ratio": 0.04}
 
 
 def main():
@@ -55,9 +56,9 @@ def main():
               f"({q['latency_ms'][b]:.3f} vs {ref['latency_ms'][b]:.3f} ms)")
     if a.recipe.endswith("vgg_prune_kd.yaml") and not a.overrides:
         checks = [("wall <= 8 min", wall <= GOALS["wall_seconds"]),
-                  ("INT8 top1 >= 92.0%", q["top1"] >= GOALS["int8_top1"]),
+                  ("INT8 top1 >= 92.5%", q["top1"] >= GOALS["int8_top1"]),
                   ("params <= 10% of teacher", params_ratio <= GOALS["params_ratio"]),
-                  ("INT8 file <= 5% of teacher FP32 file", file_ratio <= GOALS["file_ratio"])]
+                  ("INT8 file <= 4% of teacher FP32 file", file_ratio <= GOALS["file_ratio"])]
         print("\ngoals: " + ", ".join(f"{n}: {'yes' if ok else 'NO'}" for n, ok in checks))
         return 0 if all(ok for _, ok in checks) else 1
     return 0

@@ -78,7 +78,8 @@ def test_vgg_prune_kd_contents():
     recipe = load_recipe(REPO / "recipes" / "vgg_prune_kd.yaml")
     assert [s.kind for s in recipe.stages] == ["train", "prune", "distill", "qat", "export"]
     prune = recipe.stage("prune")
-    assert prune.from_ == "teacher" and prune.ratio == 0.7 and prune.target_macs is None
+    assert prune.from_ == "teacher" and prune.ratio == 0.68 and prune.target_macs is None
+    assert prune.round_to == 8   # widths that suit vectorised BatchNorm and blocked conv kernels
 
 
 def test_tiny_recipe_validates(tiny_recipe_dict, tmp_path, no_fallback_data, capsys):
