@@ -241,20 +241,7 @@ def ort_latency_ms(path, batch: int, *, warmup: int = 5, runs: int = 30,
     >>> ort_latency_ms("model.onnx", 1, threads=2)  # doctest: +SKIP
     {'median': 0.21, 'p90': 0.25}
     """
-    sess = ort_session(path, threads)
-    inp = sess.get_inputs()[0]
-    chw = inp.shape[1:]
-    if not all(isinstance(d, int) for d in chw):
-        raise CompressError(f"{path}: input shape {inp.shape} is not fixed beyond the batch axis")
-    x = np.random.default_rng(0).random((batch, *chw), dtype=np.float32)
-    for _ in range(warmup):
-        sess.run(None, {inp.name: x})
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {inp.name: x})
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}
+    return ort_latency_side_by_side([path], batch, warmup=warmup, runs=runs, threads=threads)[0]
 
 
 def ort_latency_side_by_side(paths, batch: int, *, warmup: int = 5, runs: int = 30,
