@@ -12,6 +12,7 @@ from compress.models import VGG, build_model
 from compress.quant import (ActQuant, Int8Conv2d, Int8Linear, QConv2d, QLinear, QuantSpec,
                             calibrate, is_quantized, quantize_model, set_qat_phase,
                             to_int8_module)
+from compress.quant.eager import Int8Act
 
 CFG = [8, "M", 16]
 
@@ -309,16 +310,25 @@ def test_calibrate_observes_in_eval_and_restores_modes():
 # ---- INT8 module ---------------------------------------------------------------------------
 
 
-def test_int8_module_matches_fake_quant():
+@pytest.mark.parametrize("float_first", [False, True])
+def test_int8_module_matches_fake_quant(float_first):
     q = calibrated()
-    int8 = to_int8_module(q)
+    int8 = to_int8_module(q, float_first_conv=float_first)
     assert not any(p.requires_grad for p in int8.parameters())
     layers = [m for m in int8.modules() if isinstance(m, (Int8Conv2d, Int8Linear))]
-    assert len(layers) == 3
+    assert len(layers) == 3 - float_first
     for m in layers:
         assert m.weight_int8.dtype == torch.int8 and m.weight_int8.abs().max() <= 63
         assert m.bias_int32.dtype == torch.int32
     x = images(128, seed=5)
+    if float_first:
+        # the first conv is a float Conv2d holding the dequantized weights, behind no input
+        # quantizer: on inputs that lie on that quantizer's grid (as 8-bit pixels do) the
+        # result is the fake-quant model's
+        first = next(m for m in int8.modules() if isinstance(m, (nn.Conv2d, Int8Conv2d, Int8Linear)))
+        assert type(first) is nn.Conv2d
+        assert not any(isinstance(m, Int8Act) for m in list(int8.modules())[:4])
+        x = q.input_quant(x)
     with torch.no_grad():
         ref, got = q(x), int8(x)
     step = q.classifier.output_quant.qparams()[0]

@@ -131,6 +131,8 @@ def exported(tmp_path_factory):
     export_onnx(model, d / "fp32.onnx", **{**kw, "metadata": {"format": "onnx-fp32"}})
     export_onnx(to_int8_module(q), d / "int8.onnx", **{**kw, "metadata": {"format": "onnx-int8"}})
     export_onnx(model, d / "other.onnx", **{**kw, "metadata": {"format": "onnx-fp32"}})
+    export_onnx(to_int8_module(q, float_first_conv=False), d / "int8-allint.onnx",
+                **{**kw, "metadata": {"format": "onnx-int8"}})
     return d
 
 
@@ -157,19 +159,27 @@ def test_global_pool_exported_as_globalaveragepool(exported):
         assert all(i.name in used for i in graph.initializer), "the ReduceMean axes are left behind"
 
 
-def test_int8_graph_stays_integer_from_first_conv_to_the_logits(exported, tmp_path):
+def test_int8_graph_stays_integer_after_the_first_conv(exported, tmp_path):
     ops = _optimized_ops(exported / "int8.onnx", tmp_path)
-    # one quantize at the input, one dequantize of the logits; nothing in between leaves int8
+    # the first conv (1 input channel) and its max-pool run in float; one quantize after
+    # that pool, one dequantize of the logits; nothing in between leaves int8
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
     assert ops[-1] == "DequantizeLinear"
-    assert ops.count("QLinearConv") == 5 and "QLinearGlobalAveragePool" in ops and "QGemm" in ops, ops
-    assert not {"Conv", "FusedConv", "Gemm", "ReduceMean", "GlobalAveragePool", "AveragePool"} & set(ops), ops
-    # max-pools run on the quantized NHWC tensors of the integer convolutions
-    assert ops.count("NhwcMaxPool") == 3, ops
-    # layout changes only at the edges: into NHWC before the first conv, out after the pool
+    q = ops.index("QuantizeLinear")
+    assert ops[:q].count("Conv") == 1 and "MaxPool" in ops[:q] and "QLinearConv" not in ops[:q], ops
+    assert ops.count("QLinearConv") == 4 and "QLinearGlobalAveragePool" in ops and "QGemm" in ops, ops
+    assert not {"Conv", "FusedConv", "Gemm", "ReduceMean", "GlobalAveragePool", "AveragePool"} & set(ops[q:]), ops
+    # the other max-pools run on the quantized NHWC tensors of the integer convolutions
+    assert ops.count("NhwcMaxPool") == 2, ops
+    # one layout change into NHWC before the integer convs, one out after the pool
     first, last = ops.index("QLinearConv"), ops.index("QLinearGlobalAveragePool")
-    assert "Transpose" not in ops[first:last], ops
-    assert ops.count("Transpose") <= 2, ops
+    assert "Transpose" not in ops[first:last] and ops.count("Transpose") <= 2, ops
+
+
+def test_all_integer_graph_when_asked(exported, tmp_path):
+    ops = _optimized_ops(exported / "int8-allint.onnx", tmp_path)
+    assert ops.count("QLinearConv") == 5 and "Conv" not in ops and ops.count("NhwcMaxPool") == 3, ops
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
 
 
 def test_bench_compare_several_files(exported, capsys):
