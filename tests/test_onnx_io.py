@@ -56,8 +56,9 @@ def models(tmp_path_factory):
     fit(qmodel, steps=5, seed=2, lr=1e-3)
     fp32, int8 = d / "fp32.onnx", d / "int8.onnx"
     export_onnx(model, fp32, input_shape=SHAPE, mean=MEAN, std=STD, metadata=META)
-    export_onnx(to_int8_module(qmodel), int8, input_shape=SHAPE, mean=MEAN, std=STD,
-                metadata=META)
+    # every layer integer (the default keeps a 1-channel first conv float: tests/test_speed.py)
+    export_onnx(to_int8_module(qmodel, float_first_conv=False), int8, input_shape=SHAPE, mean=MEAN,
+                std=STD, metadata=META)
     return {"model": model, "qmodel": qmodel.eval(), "fp32": fp32, "int8": int8, "dir": d}
 
 
