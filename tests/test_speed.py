@@ -161,11 +161,11 @@ def test_global_pool_exported_as_globalaveragepool(exported):
 
 def test_int8_graph_stays_integer_after_the_first_conv(exported, tmp_path):
     ops = _optimized_ops(exported / "int8.onnx", tmp_path)
-    # the first conv (1 input channel) and its max-pool run in float; one quantize after
-    # that pool, one dequantize of the logits; nothing in between leaves int8
-    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
-    assert ops[-1] == "DequantizeLinear"
-    q = ops.index("QuantizeLinear")
+    # the input's Q/DQ pair, the first conv (1 input channel) and its max-pool in float; one
+    # quantize after that pool, one dequantize of the logits; nothing in between leaves int8
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 2, ops
+    assert ops[-1] == "DequantizeLinear" and ops.index("DequantizeLinear") < ops.index("Conv")
+    q = len(ops) - 1 - ops[::-1].index("QuantizeLinear")
     assert ops[:q].count("Conv") == 1 and "MaxPool" in ops[:q] and "QLinearConv" not in ops[:q], ops
     assert ops.count("QLinearConv") == 4 and "QLinearGlobalAveragePool" in ops and "QGemm" in ops, ops
     assert not {"Conv", "FusedConv", "Gemm", "ReduceMean", "GlobalAveragePool", "AveragePool"} & set(ops[q:]), ops

@@ -592,16 +592,15 @@ def _float_first_conv(int8: nn.Sequential) -> None:
 
     Why: with 1-3 input channels onnxruntime's integer convolution runs a GEMM with K = 9-27
     and is slower than its float one (measured, 64 images of 28x28, 8 output channels:
-    1.45 ms vs 0.26 ms, over half of the INT8 student's time). The input Q/DQ pair goes too
-    (onnxruntime would fuse it with the conv again); the images are 8-bit pixels, which the
-    input quantizer represents almost exactly, and the export's INT8 agreement check measures
-    what remains. ReLU after the pool keeps onnxruntime from moving the quantization in front
-    of the pool, where a uint8 NCHW max-pool is slow, so conv and pool run in its blocked
-    float layout."""
+    1.45 ms vs 0.26 ms, over half of the INT8 student's time). The input keeps its Q/DQ
+    pair, so the conv sees the fake-quant model's input; with float (not dequantized)
+    weights onnxruntime cannot fuse the conv into QLinearConv. ReLU after the pool keeps
+    onnxruntime from moving the quantization in front of the pool, where a uint8 NCHW
+    max-pool is slow, so conv and pool run in its blocked float layout."""
     leaves = list(_leaves(int8))
     if len(leaves) < 3:
         return
-    (p0, n0, act), (p1, n1, conv), (_, _, pool) = leaves[:3]
+    (_, _, act), (p1, n1, conv), (_, _, pool) = leaves[:3]
     if not (isinstance(act, Int8Act) and isinstance(conv, Int8Conv2d)
             and isinstance(pool, Int8After) and isinstance(pool.module, nn.MaxPool2d)):
         return
@@ -612,7 +611,6 @@ def _float_first_conv(int8: nn.Sequential) -> None:
         fc.weight.copy_(w)
         if b is not None:
             fc.bias.copy_(b)
-    p0._modules[n0] = nn.Identity()
     p1._modules[n1] = fc
     if conv.relu:
         pool.module = nn.Sequential(pool.module, nn.ReLU())
