@@ -15,10 +15,24 @@ STAGES = Registry("stage kind")
 
 
 @dataclass(frozen=True)
+class PlanBuilder:
+    """What a ``plan`` function gets as `build`: ``build(name)`` makes the skeleton of the
+    recipe's ``models.<name>`` sized for the data; ``input_shape`` (C, H, W) lets a plan
+    trace a model (e.g. through quantization preparation)."""
+
+    recipe: object
+    input_shape: tuple
+    num_classes: int
+
+    def __call__(self, name):
+        return new_model(self.recipe, name, self.input_shape[0], self.num_classes)[0]
+
+
+@dataclass(frozen=True)
 class StageKind:
     spec: type            # the pydantic config class
     run: Callable         # run(cfg, ctx) -> StageResult
-    plan: Callable        # plan(cfg, inputs, build) -> nn.Module | None
+    plan: Callable        # plan(cfg, inputs, build: PlanBuilder) -> nn.Module | None
     makes_model: bool = True
 
 

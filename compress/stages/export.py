@@ -51,13 +51,30 @@ def _int8_source(model, ctx, cfg, qspec=None):
     quantization (BN folded, observers calibrated on training batches) of a float model."""
     if is_quantized(model):
         return model
-    q = quantize_model(copy.deepcopy(model).float().cpu(), qspec or QuantSpec()).to(ctx.device)
+    q = quantize_model(copy.deepcopy(model).float().cpu(), qspec or QuantSpec(),
+                       ctx.data.input_shape).to(ctx.device)
     batches = iterate(ctx.data.train, ctx.data, 256, channels_last=True)
     calibrate(q, (b.x for _, b in zip(range(cfg.calibration_batches), batches)))
     return q
 
 
-@register("export", ExportStage, lambda cfg, inputs, build: None, makes_model=False)
+def _plan(cfg, inputs, build):
+    """Prove each onnx-int8 item can be quantized: a float model is captured and prepared
+    as post-training quantization will do (a qat stage's model already was)."""
+    for i, item in enumerate(cfg.models):
+        skel = inputs.get(item.model)
+        if item.format == "onnx-int8" and skel is not None and not is_quantized(skel):
+            try:
+                quantize_model(copy.deepcopy(skel), QuantSpec(), build.input_shape)
+            except CompressError as e:
+                raise CompressError(f"stages.{cfg.name}.models[{i}]: onnx-int8 of stage '{item.model}': {e}") from None
+        if item.format == "onnx-fp32" and skel is not None and is_quantized(skel):
+            raise CompressError(f"stages.{cfg.name}.models[{i}]: stage '{item.model}' holds a quantized model; "
+                                "export it as onnx-int8")
+    return None
+
+
+@register("export", ExportStage, _plan, makes_model=False)
 def run(cfg, ctx):
     """Write, check and measure one ONNX file per `models` entry.
 
