@@ -377,9 +377,16 @@ def to_int8_module(q: PT2EModel) -> Int8Graph:
                                 "calibrate() before converting to INT8")
     gm = copy.deepcopy(q.gm)
     pt2e.move_exported_model_to_eval(gm)
-    for m in gm.modules():
-        if isinstance(m, pt2e.FakeQuantize):
-            m.disable_observer()
+    fqs = [m for m in gm.modules() if isinstance(m, pt2e.FakeQuantize)]
+    for m in fqs:
+        m.enable_observer(_weight_fq(m))
+    # Weight scales are those of the last forward, which may predate an optimizer step;
+    # one forward refreshes them to the current weights, as the eval fake-quant model uses.
+    device = next(itertools.chain(gm.parameters(), gm.buffers())).device
+    with torch.no_grad():
+        gm(torch.zeros(2, *q.input_shape, device=device))
+    for m in fqs:
+        m.disable_observer()
     fold_bn(gm)
     converted = qpt2e.convert_pt2e(gm)
     return Int8Graph(converted).requires_grad_(False)

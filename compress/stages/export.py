@@ -1,7 +1,8 @@
 """`export`: ONNX files of earlier stages' models, each verified in onnxruntime.
 
 FP32 files must match PyTorch's logits within 1e-4; INT8 files must agree with the
-fake-quant model's top-1 on >= 99% of the test set. Every number in the report is
+fake-quant model's top-1 on >= 99% of the test set, and onnxruntime must run every conv
+of them as an integer kernel. Every number in the report is
 measured on the exported file: top-1 by onnxruntime on the whole test set, latency by
 onnxruntime on the CPU.
 """
@@ -18,8 +19,8 @@ from ..config import Spec, StageSpec
 from ..data import iterate
 from ..engine import predict
 from ..errors import CompressError
-from ..onnx_io import (check_fp32_parity, check_int8_agreement, export_onnx, ort_latency_ms,
-                       ort_logits)
+from ..onnx_io import (check_fp32_parity, check_int8_agreement, check_int8_kernels, export_onnx,
+                       ort_latency_ms, ort_logits)
 from ..quant import QuantSpec, calibrate, is_quantized, quantize_model, to_int8_module
 from . import StageResult, register
 
@@ -110,6 +111,7 @@ def run(cfg, ctx):
                         metadata={**meta, "stage": item.model, "format": fmt})
             check["top1_agreement"] = float(check_int8_agreement(
                 path, copy.deepcopy(qmodel).cpu(), images, min_agreement=cfg.int8_min_agreement))
+            check["ort_int8_ops"] = check_int8_kernels(path)   # no float Conv left after ORT's fusion
             if not is_quantized(model):
                 check["post_training"] = True
         logits = ort_logits(path, images)
