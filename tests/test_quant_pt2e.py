@@ -16,7 +16,7 @@ from compress.config import parse_recipe
 from compress.errors import CompressError
 from compress.models import MODELS, VGG, layer_shapes
 from compress.onnx_io import check_int8_agreement, check_int8_kernels, export_onnx
-from compress.pipeline import validate_recipe
+from compress.pipeline import run_recipe, validate_recipe
 from compress.quant import (QuantSpec, backend_of, calibrate, is_quantized, quantize_model,
                             set_qat_phase, to_int8_module)
 from compress.quant.pt2e import PT2EModel
@@ -218,10 +218,11 @@ def test_int8_file_agrees_with_fake_quant(case):
     assert agreement >= 0.99
 
 
-def test_check_int8_kernels_refuses_a_float_graph(case, tmp_path):
+def test_check_int8_kernels_refuses_a_float_graph(tmp_path):
     path = tmp_path / "fp32.onnx"
-    export_onnx(case["float"], path, input_shape=case["shape"], mean=[0.5] * case["shape"][0],
-                std=[0.25] * case["shape"][0], metadata={})
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    export_onnx(model, path, input_shape=(1, 8, 8), mean=[0.5], std=[0.25], metadata={})
     with pytest.raises(CompressError, match="convolution.*in float"):
         check_int8_kernels(path)
 
@@ -291,3 +292,42 @@ def test_validate_refuses_feature_taps_on_a_pt2e_qat_stage(tiny_recipe_dict, fmn
          "loss": [{"term": "fitnet", "student_layer": "layer2", "teacher_layer": "layer2"}]}])
     with pytest.raises(CompressError, match=r"stages\.qat\.loss\[0\]: term 'fitnet' taps the student's layers"):
         validate_recipe(recipe)
+
+
+def test_cached_pattern_graphs_prepare_the_same_graph():
+    from compress.quant import pt2e
+
+    model = TinyResNet()
+    pt2e._PATTERNS.clear()
+    fresh = quantize_model(model, QuantSpec(), (1, 16, 16))      # captures every pattern
+    assert pt2e._PATTERNS
+    t0 = time.perf_counter()
+    cached = quantize_model(model, QuantSpec(), (1, 16, 16))     # copies of the stored captures
+    assert time.perf_counter() - t0 < 10
+    assert cached.gm.code == fresh.gm.code
+    x = images((1, 16, 16), 8, 10)
+    for mode in (True, False):
+        assert torch.equal(fresh.train(mode)(x), cached.train(mode)(x))
+
+
+@pytest.mark.slow
+def test_resnet_recipe_through_qat_and_int8_export(tiny_recipe_dict, registered, tmp_path):
+    """train -> prune -> distill -> qat -> export on a residual net, then the export again
+    from the stored (rebuilt) qat checkpoint."""
+    registered("_test_arch", TinyResNet)
+    d = dict(tiny_recipe_dict)
+    d["models"] = {"teacher": {"arch": "_test_arch"}}
+    d["stages"][-1] = {"name": "export", "kind": "export", "latency_runs": 2, "models": [
+        {"model": "teacher", "format": "onnx-fp32"}, {"model": "qat", "format": "onnx-int8"}]}
+    rep = run_recipe(parse_recipe(d), workdir=tmp_path, device="cpu")
+    st = {s["name"]: s for s in rep["stages"]}
+    assert st["prune"]["macs"] < 0.5 * st["teacher"]["macs"]
+    ex = {e["model"]: e for e in rep["exports"]}
+    assert ex["qat"]["check"]["top1_agreement"] >= 0.99
+    ops = ex["qat"]["check"]["ort_int8_ops"]
+    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["Add"] == 0
+    d["stages"][-1]["latency_runs"] = 3      # the export runs again, qat is loaded from disk
+    again = run_recipe(parse_recipe(d), workdir=tmp_path, device="cpu")
+    assert {s["name"]: s["reused"] for s in again["stages"]} == {
+        "teacher": True, "prune": True, "distill": True, "qat": True, "export": False}
+    assert {e["model"]: e["top1"] for e in again["exports"]} == {e["model"]: e["top1"] for e in rep["exports"]}
