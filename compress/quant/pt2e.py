@@ -6,7 +6,7 @@ What comes from torchao: graph capture (``torch.export``), observer/fake-quant i
 modules, train/eval switching of exported graphs and the conversion to a Q/DQ graph
 (``convert_pt2e``). What is our own, and why:
 
-- ``CompressQuantizer``: the library's quantizers do not produce the graph onnxruntime
+- ``make_quantizer``: the library's quantizers do not produce the graph onnxruntime
   fuses into integer kernels on CPUs (the XNNPACK one uses int8 activations and leaves
   adds float, the X86 one fuses conv+add into a float op; see FINDINGS). Ours annotates
   our scheme -- uint8 per-tensor activations, per-channel symmetric weights (7 bits by
@@ -27,7 +27,6 @@ modules, train/eval switching of exported graphs and the conversion to a Q/DQ gr
 
 import copy
 import itertools
-import operator
 from typing import Iterable
 
 import torch
@@ -137,14 +136,11 @@ def _only_user(n: Node) -> Node | None:
     return users[0] if len(users) == 1 else None
 
 
-class CompressQuantizer:
-    """Annotates a captured graph with the project's INT8 scheme (see module docstring).
-
-    Built lazily as a subclass of torchao's ``Quantizer`` by ``make_quantizer``."""
-
-
 def make_quantizer(spec):
-    """A torchao ``Quantizer`` for `spec` (weight_bits, act_bits, ema of QuantSpec)."""
+    """A torchao ``Quantizer`` annotating a captured graph with our scheme for `spec`
+    (weight_bits, act_bits, ema of ``QuantSpec``); see the module docstring.
+
+    Defined here, not at import, so that torchao is imported only when used."""
     pt2e, _, qz = _torchao()
     act = qz.QuantizationSpec(
         dtype=torch.uint8, quant_min=0, quant_max=2**spec.act_bits - 1,
@@ -160,7 +156,7 @@ def make_quantizer(spec):
         ch_axis=0, observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
             observer=pt2e.MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0))
 
-    class _Quantizer(qz.Quantizer, CompressQuantizer):
+    class CompressQuantizer(qz.Quantizer):
         def annotate(self, gm: GraphModule) -> GraphModule:
             for n in gm.graph.nodes:
                 if n.op != "call_function" or _annotated(n):
@@ -211,7 +207,7 @@ def make_quantizer(spec):
             b._annotated = True
             m.meta["quantization_annotation"] = b
 
-    return _Quantizer()
+    return CompressQuantizer()
 
 
 # ---- capture and prepare ----------------------------------------------------------------
