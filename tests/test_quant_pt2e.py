@@ -280,7 +280,7 @@ def _recipe(tiny_recipe_dict, fmnist_root, stages):
      r"^stages\.export\.models\[0\]: onnx-int8 of stage 'teacher': cannot quantize the model \(Branchy\)"),
 ])
 def test_validate_refuses_uncapturable_model_in_seconds(tiny_recipe_dict, fmnist_root, registered,
-                                                         stages, match):
+                                                         stages, match, capfd):
     registered("_test_arch", Branchy)
     recipe = _recipe(tiny_recipe_dict, fmnist_root, stages)
     t0 = time.perf_counter()
@@ -288,6 +288,8 @@ def test_validate_refuses_uncapturable_model_in_seconds(tiny_recipe_dict, fmnist
         validate_recipe(recipe)
     assert time.perf_counter() - t0 < 30
     assert "\n" not in str(e.value)
+    out = capfd.readouterr()
+    assert "def forward" not in out.err + out.out   # the exporter's graph dump stays quiet
 
 
 def test_validate_refuses_feature_taps_on_a_pt2e_qat_stage(tiny_recipe_dict, fmnist_root, registered):
@@ -336,3 +338,19 @@ def test_resnet_recipe_through_qat_and_int8_export(tiny_recipe_dict, registered,
     assert {s["name"]: s["reused"] for s in again["stages"]} == {
         "teacher": True, "prune": True, "distill": True, "qat": True, "export": False}
     assert {e["model"]: e["top1"] for e in again["exports"]} == {e["model"]: e["top1"] for e in rep["exports"]}
+
+
+def test_unfreezing_bn_restores_batch_statistics_and_int8_needs_calibration():
+    q = quantize_model(TinyResNet(), QuantSpec(), (1, 16, 16))
+    with pytest.raises(CompressError, match="never observed data"):
+        to_int8_module(q)
+    bn_training = lambda: [n.args[5] for n in q.gm.graph.nodes if n.target == torch.ops.aten.batch_norm.default]
+    q.train()
+    assert all(bn_training())
+    set_qat_phase(q, observers=True, bn_stats=False)
+    assert not any(bn_training())
+    q.eval()
+    q.train()          # moving to train re-enables batch statistics; the wrapper re-freezes
+    assert not any(bn_training())
+    set_qat_phase(q, observers=True, bn_stats=True)
+    assert all(bn_training())

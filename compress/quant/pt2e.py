@@ -25,8 +25,12 @@ modules, train/eval switching of exported graphs and the conversion to a Q/DQ gr
   one training loop uses it unchanged.
 """
 
+import contextlib
 import copy
+import io
 import itertools
+import logging
+import warnings
 from typing import Iterable
 
 import torch
@@ -38,12 +42,33 @@ from ..errors import CompressError
 _ATEN = torch.ops.aten
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence what torch.export and torchao print while capturing (graph dumps of a
+    failed capture, deprecation notes): the user gets one line from us instead."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._dynamo", "torch.fx",
+                                               "torch.fx.experimental.symbolic_shapes",
+                                               "torch.utils._pytree", "torchao")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _torchao():
     """torchao's PT2E modules, imported on first use (importing torchao takes ~2 s)."""
     try:
-        import torchao.quantization.pt2e as pt2e
-        import torchao.quantization.pt2e.quantize_pt2e as qpt2e
-        from torchao.quantization.pt2e.quantizer import quantizer as qz
+        with _quiet():   # torchao's import warns about a torch.compile registration
+            import torchao.quantization.pt2e as pt2e
+            import torchao.quantization.pt2e.quantize_pt2e as qpt2e
+            from torchao.quantization.pt2e.quantizer import quantizer as qz
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise CompressError(f"the pt2e quantization backend needs torchao ({e})") from None
     _cache_pattern_graphs()
@@ -225,8 +250,9 @@ def capture(model: nn.Module, input_shape) -> GraphModule:
     # Batch 2: torch.export specializes a dimension whose example size is 0 or 1.
     example = torch.rand(2, *input_shape)
     try:
-        return torch.export.export(m, (example,),
-                                   dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+        with _quiet():
+            return torch.export.export(m, (example,),
+                                       dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
     except Exception as e:  # the exporter raises many types; the user needs one line
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): torch.export "
                             f"cannot capture it ({_one_line(e)})") from None
@@ -284,15 +310,15 @@ class PT2EModel(nn.Module):
                 self.gm.recompile()
 
     def set_phase(self, *, observers: bool, bn_stats: bool):
+        was_frozen = bool(self.bn_frozen)
         self.observing.fill_(observers)
         self.bn_frozen.fill_(not bn_stats)
-        if not bn_stats or not self._gm_training:
-            self._apply_phase()
-        else:  # un-freezing BN: let torchao put the batch-statistics pattern back
+        if bn_stats and was_frozen and self._gm_training:
+            # Un-freezing BN in training mode: torchao puts the batch-statistics pattern back.
             pt2e, _, _ = _torchao()
             pt2e.move_exported_model_to_eval(self.gm)
             pt2e.move_exported_model_to_train(self.gm)
-            self._apply_phase()
+        self._apply_phase()
 
     def forward(self, x: Tensor) -> Tensor:
         # Quantization is simulated in fp32 (under bf16 autocast the rounding grid itself
@@ -314,7 +340,8 @@ def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     gm = capture(model, input_shape)
     try:
-        prepared = qpt2e.prepare_qat_pt2e(gm, make_quantizer(spec))
+        with _quiet():
+            prepared = qpt2e.prepare_qat_pt2e(gm, make_quantizer(spec))
     except CompressError:
         raise
     except Exception as e:
