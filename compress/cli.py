@@ -83,6 +83,10 @@ def main(argv=None):
         return 130
     finally:
         threading.excepthook = hook
+        if args.command == "run":
+            from .distributed import teardown
+
+            teardown()   # torchrun: leave the process group (a no-op in one process)
 
 
 if __name__ == "__main__":
