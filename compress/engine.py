@@ -11,6 +11,15 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Split, iterate, num_batches
+from .errors import CompressError
+
+
+class NonFiniteLoss(CompressError):
+    """Training produced a NaN or infinite loss; `desc` is the epoch's "<stage> e/E" label."""
+
+    def __init__(self, desc, steps):
+        self.desc, self.steps = desc, steps
+        super().__init__(f"{desc}: the loss became NaN or infinite within the first {steps} steps")
 
 
 @dataclass
@@ -87,12 +96,15 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`.
 
     Metrics accumulate on the device and are read once at the end (no per-step sync,
-    except a progress-bar refresh every 50 steps). Returns {"loss/<term>": mean, "train_top1": %,
-    "lr": the learning rate of the last step, "steps": optimizer steps taken}.
+    except a progress-bar refresh and a finiteness check every 50 steps). Returns
+    {"loss/<term>": mean, "train_top1": %, "lr": the learning rate of the last step,
+    "steps": optimizer steps taken}. A NaN or infinite loss raises :class:`NonFiniteLoss`
+    at the next check (within 50 steps, or at the epoch's end).
     """
     model.train()
     objective.train()
     sums, correct, seen = {}, torch.zeros((), device=ctx.device), 0
+    finite = torch.ones((), dtype=torch.bool, device=ctx.device)   # all losses so far finite
     bar = tqdm(total=steps * batch_size, desc=desc, unit="img", unit_scale=True, leave=False,
                disable=None, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -106,15 +118,21 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
         optimizer.step()
         scheduler.step()
         n_steps += 1
+        finite &= torch.isfinite(loss.detach())
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach().float() * len(batch.y)
         correct += (logits.detach().argmax(1) == batch.y).sum()
         seen += len(batch.y)
         bar.update(len(batch.y))
+        if step % 50 == 49 and not bool(finite):   # one sync per 50 steps: stop a diverged run early
+            bar.close()
+            raise NonFiniteLoss(desc, n_steps)
         if step % 50 == 49 and not bar.disable:
             bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
     bar.close()
+    if not bool(finite):
+        raise NonFiniteLoss(desc, n_steps)
     out = {f"loss/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
     out["loss"] = sum(out.values())
     out["train_top1"] = 100.0 * float(correct) / max(seen, 1)

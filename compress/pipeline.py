@@ -3,8 +3,10 @@ inputs) is unchanged, and writes the report. Nothing else decides the order."""
 
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import time
 import zlib
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
 from .data import load_data
-from .engine import RunContext
+from .engine import NonFiniteLoss, RunContext
 from .errors import CompressError
 from .hooks import resolve
 from .losses import LOSSES
@@ -72,7 +74,29 @@ def _lookup(stage, key, run_dir, ctx, workdir):
                        loader=loader if meta.get("spec") else None)
 
 
+def _diverged(stage, epoch, what):
+    """The one line for a stage whose training went non-finite: where, and the likely cause."""
+    opt = getattr(stage, "optimizer", None)
+    cause = (f"optimizer.lr ({opt.lr:g}) or optimizer.weight_decay ({opt.weight_decay:g}) is likely too "
+             "high; lower it" if opt is not None else "the inputs or the loss weights are likely at fault")
+    return CompressError(f"stages.{stage.name} ({stage.kind}): {what}{epoch}; {cause}. Nothing was stored "
+                         "for this stage")
+
+
+def _check_finite(stage, result):
+    """Refuse to store a model with a NaN/inf weight, buffer or metric (a diverged run)."""
+    model = result.model
+    if model is not None:
+        for name, t in [*model.state_dict().items()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _diverged(stage, "", f"'{name}' holds NaN or infinite values after training")
+    bad = [k for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise _diverged(stage, "", f"metric {bad[0]} is NaN or infinite")
+
+
 def _store(stage, key, result, storage, workdir):
+    _check_finite(stage, result)   # nothing non-finite is ever stored (or, later, exported)
     d = storage.owned(_stage_dir(storage.run_dir, stage.name))
     d.mkdir(parents=True, exist_ok=True)
     files = list(result.files)
@@ -119,13 +143,18 @@ def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
     """
     t_start = time.perf_counter()
     dev = resolve_device(device)
-    workdir = Path(workdir)
-    storage = Storage(workdir, recipe.name)   # the only folders this run deletes or overwrites in
+    storage = Storage(Path(workdir), recipe.name)   # the only folders this run deletes or overwrites in
+    data = load_data(recipe.data)
+    validate_recipe(recipe, data)   # every check before anything is written or trained
+    with storage.lock():   # one run of a recipe per workdir at a time
+        return _run(recipe, storage, dev, fresh, data, t_start)
+
+
+def _run(recipe, storage, dev, fresh, data, t_start):
+    workdir = storage.workdir
     run_dir, export_dir = storage.run_dir, storage.export_dir
     for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
         storage.remove(tmp)  # half-written by a killed run; never read, only renamed
-    data = load_data(recipe.data)
-    validate_recipe(recipe, data)
     data = data.to(dev)
     ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,
                      seed=recipe.seed, logger=Tracker(storage, recipe, data))   # TensorBoard: runs/<recipe>/tb/
@@ -142,7 +171,12 @@ def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
             torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(stage.name.encode()))
             t0 = time.perf_counter()
             ctx.logger.begin_stage(stage.name)
-            result = STAGES[stage.kind].run(stage, ctx)
+            try:
+                result = STAGES[stage.kind].run(stage, ctx)
+            except NonFiniteLoss as e:
+                m = re.search(r"(\d+)/(\d+)$", e.desc)
+                epoch = f" in epoch {m.group(1)} of {m.group(2)}" if m else ""
+                raise _diverged(stage, epoch, f"the loss became NaN or infinite (step {e.steps})") from e
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             result.seconds = round(time.perf_counter() - t0, 2)
@@ -186,7 +220,7 @@ def build_report(recipe, ctx, wall):
         "wall_seconds": round(wall, 2),
         "reference": _reference(recipe),
         "comparison": _comparison(recipe, stages),
-        "lineage": {s.name: getattr(s, "from_", None) for s in recipe.stages},
+        "lineage": {s.name: next((r for _, r in s.stage_refs("input")), None) for s in recipe.stages},
         "environment": {"device": str(ctx.device), "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),
@@ -214,8 +248,8 @@ def _comparison(recipe, rows):
 def _reference(recipe):
     """The teacher: the first stage some distill/qat stage learns from, else the first stage."""
     for s in recipe.stages:
-        if getattr(s, "teacher", None):
-            return s.teacher
+        for _, ref in s.stage_refs("teacher"):
+            return ref
     return recipe.stages[0].name
 
 
@@ -229,15 +263,22 @@ def validate_recipe(recipe, data=None):
     def build(name):
         return new_model(recipe, name, shape[0], ncls)[0]
 
+    build.input_shape, build.num_classes = tuple(shape), ncls   # for plans that measure the skeleton
+
     skeletons, lines = {}, []
     for i, s in enumerate(recipe.stages):
         skel = STAGES[s.kind].plan(s, skeletons, build)
         if skel is not None:
             skeletons[s.name] = skel
-        t_ref = getattr(s, "teacher", None)
-        t_skel = (Ensemble([skeletons[n] for n in t_ref]) if isinstance(t_ref, list)
-                  else skeletons.get(t_ref))
+        t_refs = [r for _, r in s.stage_refs("teacher")]
+        t_skel = (Ensemble([skeletons[n] for n in t_refs]) if len(t_refs) > 1
+                  else skeletons.get(t_refs[0]) if t_refs else None)
+        batch = getattr(s, "batch_size", None)
+        batch = min(batch, len(data.train)) if batch else None   # drop_last: every batch has this many
         for j, t in enumerate(getattr(s, "loss", []) or []):
+            if why := LOSSES[t.term].batch_problem(batch):
+                raise CompressError(f"stages[{i}].batch_size: {why}" + (
+                    "" if batch == s.batch_size else f" (the training set has only {batch} images)"))
             term = LOSSES[t.term](t)
             for role, paths, model in (("student_layer", term.student_layers(), skel),
                                        ("teacher_layer", term.teacher_layers(), t_skel)):
@@ -245,7 +286,7 @@ def validate_recipe(recipe, data=None):
                     if model is None:
                         raise CompressError(f"stages[{i}].loss[{j}].{role}: stage has no teacher")
                     resolve(model, p, f"stages[{i}].loss[{j}].{role}")
-        refs = ", ".join(f"{'from' if f == 'from_' else f}={r}" for f, r in s.stage_refs() + s.model_refs())
+        refs = ", ".join(f"{f}={r}" for f, _, r in s.refs())
         lines.append(f"  {i + 1}. {s.name} ({s.kind}){': ' + refs if refs else ''}")
     head = (f"{recipe.name}: valid; data {data.name} {len(data.train)}/{len(data.test)} images "
             f"{tuple(shape)}, {ncls} classes from {data.source}")

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import Spec, StageSpec
+from ..config import Spec, StageSpec, stage_ref
 from ..data import iterate
 from ..engine import predict
 from ..errors import CompressError
@@ -25,7 +25,7 @@ from . import StageResult, register
 
 
 class ExportItem(Spec):
-    model: str = Field(description="the stage whose model to export")
+    model: stage_ref("export") = Field(description="the stage whose model to export")
     format: Literal["onnx-fp32", "onnx-int8"] = "onnx-fp32"
 
 
@@ -36,9 +36,6 @@ class ExportStage(StageSpec):
     calibration_batches: int = Field(16, ge=1, description="for onnx-int8 of a float model (post-training)")
     fp32_atol: float = Field(1e-4, gt=0)
     int8_min_agreement: float = Field(0.99, gt=0, le=1)
-
-    def stage_refs(self):
-        return [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
 
 
 def _images01(split):
@@ -57,7 +54,15 @@ def _int8_source(model, ctx, cfg, qspec=None):
     return q
 
 
-@register("export", ExportStage, lambda cfg, inputs, build: None, makes_model=False)
+def _plan(cfg, inputs, build):
+    """Refuse before training what `run` would refuse after it: FP32 export of a quantized model."""
+    for i, item in enumerate(cfg.models):
+        if item.format == "onnx-fp32" and is_quantized(inputs[item.model]):
+            raise CompressError(f"stages.{cfg.name}.models[{i}]: stage '{item.model}' holds a quantized "
+                                "model; export it as onnx-int8")
+
+
+@register("export", ExportStage, _plan, makes_model=False)
 def run(cfg, ctx):
     """Write, check and measure one ONNX file per `models` entry.
 
