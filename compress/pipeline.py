@@ -21,7 +21,7 @@ from .hooks import resolve
 from .losses import LOSSES
 from .models import Ensemble
 from .plots import render_run
-from .report import write_report
+from .report import Report, StageRow, write_report
 from .stages import STAGES, StageResult, new_model, prepare
 from .storage import Storage
 from .tracking import Tracker
@@ -199,18 +199,13 @@ def build_report(recipe, ctx, wall):
     for s in recipe.stages:
         r = ctx.results[s.name]
         m = r.metrics
-        row = {"name": s.name, "kind": s.kind, "top1": m.get("top1"), "params": m.get("params"),
-               "macs": m.get("macs"), "seconds": r.seconds, "reused": r.reused}
-        for k in ("params_before", "macs_before"):
-            if k in m:
-                row[k] = m[k]
-        if "ratio" in r.info:
-            row["prune_ratio"] = r.info["ratio"]
-        if "members" in r.info:
-            row["members"] = r.info["members"]
-        stages.append(row)
+        row = StageRow(name=s.name, kind=s.kind, top1=m.get("top1"), params=m.get("params"),
+                       macs=m.get("macs"), seconds=float(r.seconds), reused=r.reused,
+                       params_before=m.get("params_before"), macs_before=m.get("macs_before"),
+                       prune_ratio=r.info.get("ratio"), members=r.info.get("members", []))
+        stages.append(row.model_dump(mode="json", exclude_none=True))
         exports += r.info.get("exports", [])
-    return {
+    report = {
         "recipe": recipe.name,
         "data": {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
                  "train_images": len(data.train), "test_images": len(data.test)},
@@ -226,6 +221,7 @@ def build_report(recipe, ctx, wall):
                         "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads()},
     }
+    return Report.model_validate(report).model_dump(mode="json")   # the schema `report` reads back
 
 
 def _comparison(recipe, rows):
