@@ -111,8 +111,8 @@ class Report(Row):
 def parse_report(data, where):
     """`data` (a report.json's content) checked against :class:`Report`; returns it as a dict.
     Any problem is one CompressError naming the field."""
-    if not isinstance(data, dict):
-        raise CompressError(f"{where}: not a compress report.json (a JSON object with recipe, stages, exports)")
+    if not isinstance(data, dict) or not {"recipe", "stages", "exports"} <= set(data):
+        raise CompressError(f"{where}: not a compress report.json (needs recipe, stages, exports)")
     try:
         return Report.model_validate(data).model_dump(mode="json")
     except pydantic.ValidationError as e:
