@@ -276,6 +276,10 @@ def cmd_bench(args):
     threads = args.threads or f"default ({os.cpu_count()} cores)"
     print(f"{path.name}: {path.stat().st_size / 1024:.1f} KB, {'INT8' if int8 else 'FP32'}; "
           f"onnxruntime {ort.__version__}, CPU, threads {threads}, median of {args.runs} runs")
+    # the other file is checked before anything is timed: a bad one costs no measuring
+    twin, how = _twin_for(path, args.compare) if (int8 or args.compare) else (None, "")
+    if twin is not None:
+        _check_bench_input(twin, onnx_info(twin)[2], args.batch)
     res = bench(path, args.batch, args.threads, args.runs)
     print(f"  {'batch':>5}  {'median (ms)':>11}  {'p90 (ms)':>9}  {'images/s':>10}")
     for b, r in res.items():
@@ -294,9 +298,7 @@ def cmd_bench(args):
         else:
             print("integer kernels after graph optimisation: no — onnxruntime runs "
                   f"{', '.join(k for k in kernels if k in QDQ_OPS + FLOAT_HEAVY) or 'float ops'} instead")
-    twin, how = _twin_for(path, args.compare) if (int8 or args.compare) else (None, "")
     if twin is not None:
-        _check_bench_input(twin, onnx_info(twin)[2], args.batch)
         ref = bench(twin, args.batch, args.threads, args.runs)
         label = "its FP32 twin" if int8 else "the other file"
         for b in args.batch:
