@@ -178,6 +178,8 @@ class TrainingSpec(Spec):
     warmup: float = Field(0.25, ge=0, lt=1, description="OneCycle warm-up fraction")
     augment: AugmentSpec = AugmentSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    sync_batchnorm: bool = Field(False, description="torchrun on CUDA: BatchNorm statistics over the "
+                                 "global batch (SyncBatchNorm); no effect in one process")
 
 
 @dataclass(frozen=True)
@@ -398,7 +400,7 @@ def code_fingerprint(recipe, stage):
 
 # ---- loading -------------------------------------------------------------------------------
 
-def _parse_value(text, path):
+def parse_value(text, path):
     """A --set VALUE, read as YAML 1.2 like a recipe (``1e-3`` is a float); text that is not
     a valid YAML value stays a string."""
     try:
@@ -420,7 +422,7 @@ def apply_override(raw, assignment):
     keys = [k for k in path.strip().split(".")]
     if not all(keys):
         raise CompressError(f"--set {assignment}: empty path element")
-    _assign(raw, keys, _parse_value(value, path.strip()), "", path.strip())
+    _assign(raw, keys, parse_value(value, path.strip()), "", path.strip())
     return raw
 
 

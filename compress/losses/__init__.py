@@ -61,6 +61,7 @@ class TermInfo:
     num_samples: Optional[int] = None   # training images; batch.index is in [0, num_samples)
     num_classes: Optional[int] = None
     batch_size: Optional[int] = None    # images per training batch (all batches are full)
+    world_size: int = 1                 # processes sharing each global batch (torchrun)
 
 
 def match_spatial(s, t):
@@ -90,6 +91,9 @@ class LossTerm(nn.Module):
             return (f"loss term '{cls.spec_cls.model_fields['term'].default}' needs at least "
                     f"{cls.min_batch} images per batch, got {batch_size}")
         return None
+    # Why the term cannot train under DDP (state DDP does not keep in step across processes),
+    # or None; the pipeline refuses such a recipe under torchrun before training.
+    distributed_problem = None
 
     def __init__(self, spec):
         super().__init__()

@@ -5,6 +5,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
+from .. import distributed
 from ..config import MODEL_REF, StageSpec, TeacherRef, TrainingSpec, check_teacher_weights, stage_ref
 from ..data import iterate
 from ..engine import fit
@@ -37,7 +38,9 @@ def build_objective(cfg, model, ctx):
     teacher = teacher_of(cfg, ctx)
     sample = next(iterate(ctx.data.train, ctx.data, 2, channels_last=True)).x
     info = TermInfo(num_samples=len(ctx.data.train), num_classes=ctx.data.num_classes,
-                    batch_size=min(cfg.batch_size, len(ctx.data.train)))   # drop_last: all batches full
+                    # images per rank and step (drop_last: all batches full; the global batch is split)
+                    batch_size=min(cfg.batch_size, len(ctx.data.train)) // distributed.world_size(),
+                    world_size=distributed.world_size())
     objective = Objective(cfg.loss, model, teacher, sample=sample, info=info)
     if objective.needs_teacher and teacher is None:
         raise ValueError("loss terms need a teacher")

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from .. import distributed
 from ..config import MODEL_REF, StageSpec, TrainingSpec
 from ..data import iterate
 from ..engine import fit
@@ -49,7 +50,8 @@ def run(cfg, ctx):
     cohort = prepare(Ensemble([m for m, _ in built]), ctx)
     sample = next(iterate(ctx.data.train, ctx.data, 2, channels_last=True)).x
     info = TermInfo(num_samples=len(ctx.data.train), num_classes=ncls,
-                    batch_size=min(cfg.batch_size, len(ctx.data.train)))
+                    batch_size=min(cfg.batch_size, len(ctx.data.train)) // distributed.world_size(),
+                    world_size=distributed.world_size())   # images per rank and step
     objective = Objective(cfg.peer_losses(), cohort, None, sample=sample, info=info).to(ctx.device)
     history = fit(cohort, objective, cfg, ctx, name=cfg.name)
     specs = [make_spec(s["arch"], s["args"], m) for (_, s), m in zip(built, cohort.members)]
