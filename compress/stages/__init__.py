@@ -34,11 +34,12 @@ class StageKind:
     run: Callable         # run(cfg, ctx) -> StageResult
     plan: Callable        # plan(cfg, inputs, build: PlanBuilder) -> nn.Module | None
     makes_model: bool = True
+    quantizes: bool = False   # its model is quantized (stages needing a float model refuse it)
 
 
-def register(name, spec, plan, makes_model=True):
+def register(name, spec, plan, makes_model=True, quantizes=False):
     def deco(run):
-        STAGES.register(name)(StageKind(spec, run, plan, makes_model))
+        STAGES.register(name)(StageKind(spec, run, plan, makes_model, quantizes))
         return run
     return deco
 

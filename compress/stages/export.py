@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import Spec, StageSpec
+from ..config import Spec, StageSpec, stage_ref
 from ..data import iterate
 from ..engine import predict
 from ..errors import CompressError
@@ -26,7 +26,7 @@ from . import StageResult, register
 
 
 class ExportItem(Spec):
-    model: str = Field(description="the stage whose model to export")
+    model: stage_ref("export") = Field(description="the stage whose model to export")
     format: Literal["onnx-fp32", "onnx-int8"] = "onnx-fp32"
 
 
@@ -37,9 +37,6 @@ class ExportStage(StageSpec):
     calibration_batches: int = Field(16, ge=1, description="for onnx-int8 of a float model (post-training)")
     fp32_atol: float = Field(1e-4, gt=0)
     int8_min_agreement: float = Field(0.99, gt=0, le=1)
-
-    def stage_refs(self):
-        return [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
 
 
 def _images01(split):

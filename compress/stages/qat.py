@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights
+from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights, stage_ref
 from ..data import iterate
 from ..engine import fit
 from ..losses import term_spec_type
@@ -26,7 +26,7 @@ from .distill import build_objective
 
 class QATStage(StageSpec, TrainingSpec):
     kind: Literal["qat"] = "qat"
-    from_: str = Field(alias="from")
+    from_: stage_ref(float_model=True) = Field(alias="from", description="earlier stage with a float model")
     teacher: Optional[TeacherRef] = None
     teacher_weights: Optional[list[float]] = None
     loss: list[term_spec_type()] = Field([CESpec()], min_length=1)
@@ -81,7 +81,7 @@ def _plan(cfg, inputs, build):
     return quantize_for(cfg, copy.deepcopy(inputs[cfg.from_]), build.input_shape)
 
 
-@register("qat", QATStage, _plan)
+@register("qat", QATStage, _plan, quantizes=True)
 def run(cfg, ctx):
     """Fine-tune stage `from`'s model with fake quantization.
 
