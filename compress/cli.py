@@ -6,6 +6,14 @@ import sys
 
 from .errors import CompressError
 
+MAX_MESSAGE = 500   # characters of an error line; a name or value quoted in it may be huge
+
+
+def one_line(text):
+    """`text` on one line of at most MAX_MESSAGE characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="compress", description="Train, prune, distill, quantize and export "
@@ -25,6 +33,10 @@ def _parser():
     r.add_argument("--fresh", action="store_true", help="ignore stored stage results")
     r.add_argument("--workdir", default=".", help="where runs/ and exports/ go (default: .)")
     sub.add_parser("validate", parents=[common], help="check a recipe without training")
+    from .sweep import add_arguments
+
+    add_arguments(sub.add_parser("sweep", parents=[common], help="run the recipe once per configuration "
+                                 "(Ray Tune) to a Pareto front; needs pip install -e '.[sweep]'"))
     from .commands import add_subcommands
 
     add_subcommands(sub)   # eval, bench, compare, report: measure files, re-read stored results
@@ -55,11 +67,15 @@ def main(argv=None):
         load_plugins(getattr(args, "plugins", []))
         if hasattr(args, "handler"):   # a command of compress/commands.py; no recipe
             return args.handler(args)
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides)   # sweep: the base recipe checked first
         if args.command == "validate":
             from .pipeline import validate_recipe
 
             print("\n".join(validate_recipe(recipe)))
+        elif args.command == "sweep":
+            from .sweep import run_sweep
+
+            run_sweep(args)
         else:
             from .pipeline import run_recipe
 
@@ -68,7 +84,7 @@ def main(argv=None):
     except CompressError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # full disk, read-only or unwritable folder: the environment, not a bug
         if args.debug:
@@ -76,13 +92,17 @@ def main(argv=None):
         where = f"{e.filename}: " if e.filename else (
             f"writing under {args.workdir}: " if getattr(args, "workdir", None) else "")
         kept = "; completed stages are stored and will be reused" if args.command == "run" else ""
-        print(f"error: {where}{e.strerror or e}{kept}", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{e.strerror or e}{kept}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; completed stages are stored and will be reused", file=sys.stderr)
         return 130
     finally:
         threading.excepthook = hook
+        if args.command == "run":
+            from .distributed import teardown
+
+            teardown()   # torchrun: leave the process group (a no-op in one process)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .data import Split, iterate, num_batches
+from .errors import CompressError
+
+
+class NonFiniteLoss(CompressError):
+    """Training produced a NaN or infinite loss; `desc` is the epoch's "<stage> e/E" label."""
+
+    def __init__(self, desc, steps):
+        self.desc, self.steps = desc, steps
+        super().__init__(f"{desc}: the loss became NaN or infinite within the first {steps} steps")
 
 
 @dataclass
@@ -89,14 +99,17 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     `after_step(model)` runs after each optimizer step (e.g. a weight average's update).
 
     Metrics accumulate on the device and are read once at the end (no per-step sync,
-    except a progress-bar refresh every 50 steps). Returns {"loss/<term>": mean, "train_top1": %,
-    "lr": the learning rate of the last step, "steps": optimizer steps taken}.
+    except a progress-bar refresh and a finiteness check every 50 steps). Returns
+    {"loss/<term>": mean, "train_top1": %, "lr": the learning rate of the last step,
+    "steps": optimizer steps taken}. A NaN or infinite loss raises :class:`NonFiniteLoss`
+    at the next check (within 50 steps, or at the epoch's end).
     """
     model.train()
     objective.train()
     sums, correct, seen = {}, torch.zeros((), device=ctx.device), 0
+    finite = torch.ones((), dtype=torch.bool, device=ctx.device)   # all losses so far finite
     bar = tqdm(total=steps * batch_size, desc=desc, unit="img", unit_scale=True, leave=False,
-               disable=None, dynamic_ncols=True)
+               disable=None if distributed.is_main() else True, dynamic_ncols=True)
     t0 = time.perf_counter()
     lr, n_steps = optimizer.param_groups[0]["lr"], 0   # Python floats/ints: no device sync
     for step, batch in enumerate(batches):
@@ -110,15 +123,25 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
         if after_step is not None:
             after_step(model)
         n_steps += 1
+        finite &= torch.isfinite(loss.detach())
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach().float() * len(batch.y)
         correct += (logits.detach().argmax(1) == batch.y).sum()
         seen += len(batch.y)
         bar.update(len(batch.y))
+        # one sync per 50 steps stops a diverged run early; under DDP every rank stops together
+        if step % 50 == 49 and not distributed.all_agree(finite):
+            bar.close()
+            raise NonFiniteLoss(desc, n_steps)
         if step % 50 == 49 and not bar.disable:
             bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
     bar.close()
+    if not distributed.all_agree(finite):
+        raise NonFiniteLoss(desc, n_steps)
+    if distributed.active():   # metrics of the global batch, not of this rank's shard (one all-reduce)
+        vals = distributed.all_sum([*sums.values(), correct, torch.tensor(float(seen), device=ctx.device)])
+        sums, correct, seen = dict(zip(sums, vals)), vals[-2], int(vals[-1])
     out = {f"loss/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
     out["loss"] = sum(out.values())
     out["train_top1"] = 100.0 * float(correct) / max(seen, 1)
@@ -171,14 +194,17 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
 
         # BN statistics are averaged too (use_buffers), so the average is evaluated as is.
         averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(spec.ema), use_buffers=True)
+    # torchrun: `batch_size` is the global batch; each rank trains on its rows of it under DDP
+    restore_bn = distributed.use_sync_batchnorm(model, spec.sync_batchnorm)
+    step_objective, shard = distributed.wrap(model, objective, ctx.device), distributed.shard()
     history = []
     for epoch in range(spec.epochs):
         if on_epoch_start:
             on_epoch_start(epoch)
         batches = iterate(data, ctx.data, spec.batch_size, shuffle=True, augment=spec.augment,
-                          generator=gen, channels_last=True, drop_last=True)
-        m = train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, steps=steps,
-                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size,
+                          generator=gen, channels_last=True, drop_last=True, shard=shard)
+        m = train_one_epoch(model, step_objective, optimizer, scheduler, batches, ctx, steps=steps,
+                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size // shard[1],
                             after_step=averaged.update_parameters if averaged is not None else None)
         last = epoch == spec.epochs - 1
         if averaged is not None and last:   # the average is the result
@@ -192,6 +218,7 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
         history.append(m)
         if ctx.logger:
             ctx.logger.epoch(name, epoch, m)
+    restore_bn()
     return history
 
 

@@ -274,12 +274,13 @@ def ort_latency_side_by_side(paths, batch: int, *, warmup: int = 5, runs: int = 
     return [{"median": float(np.median(t)), "p90": float(np.percentile(t, 90))} for t in times]
 
 
-def int8_kernels(path) -> list[str]:
-    """Op types onnxruntime runs after graph optimization, in graph order, each once
-    (e.g. QLinearConv where the QDQ pattern was fused into an integer kernel).
+def ort_op_counts(path) -> dict[str, int]:
+    """{op type: count} of the graph onnxruntime runs after all graph optimizations (the
+    model it writes to ``SessionOptions.optimized_model_filepath``), in graph order: e.g.
+    ``QLinearConv`` where a DequantizeLinear -> Conv -> QuantizeLinear group was fused.
 
-    >>> "QLinearConv" in int8_kernels("student_int8.onnx")  # doctest: +SKIP
-    True
+    >>> ort_op_counts("student_int8.onnx")["QLinearConv"]  # doctest: +SKIP
+    21
     """
     with tempfile.TemporaryDirectory() as tmp:
         so = _session_options(None)
@@ -289,7 +290,46 @@ def int8_kernels(path) -> list[str]:
         except Exception as e:
             raise CompressError(f"onnxruntime cannot load {path}: {_one_line(e)}") from e
         graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
-    return list(dict.fromkeys(node.op_type for node in graph.node))
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def int8_kernels(path) -> list[str]:
+    """Op types onnxruntime runs after graph optimization, in graph order, each once
+    (e.g. QLinearConv where the QDQ pattern was fused into an integer kernel).
+
+    >>> "QLinearConv" in int8_kernels("student_int8.onnx")  # doctest: +SKIP
+    True
+    """
+    return list(ort_op_counts(path))
+
+
+# Integer convolutions onnxruntime runs; any other op type naming a convolution (Conv,
+# FusedConv, NchwcConv after its layout pass) computes in float.
+_INT_CONVS = ("QLinearConv", "ConvInteger")
+
+
+def check_int8_kernels(path, float_convs: int = 0) -> dict[str, int]:
+    """Check that onnxruntime's optimized graph of an INT8 file runs every convolution as
+    an integer kernel (``QLinearConv``/``ConvInteger``), except the `float_convs` the export
+    deliberately left in float (a first conv on 1-3 channels); returns the counts of the integer
+    ops (``QLinearConv``, ``QLinearAdd``, ``QGemm``, ...) and of float ``Add``s, which a
+    residual network should not have. Raises CompressError naming the float ops left.
+
+    >>> check_int8_kernels("resnet_int8.onnx")  # doctest: +SKIP
+    {'QLinearConv': 21, 'QLinearAdd': 9, 'QGemm': 1, 'Add': 0}
+    """
+    counts = ort_op_counts(path)
+    floats = {op: n for op, n in counts.items() if "Conv" in op and op not in _INT_CONVS}
+    if sum(floats.values()) > float_convs:
+        raise CompressError(f"{path}: onnxruntime runs {sum(floats.values())} convolution(s) in float "
+                            f"({', '.join(f'{op} x{n}' for op, n in floats.items())}, {float_convs} "
+                            "intended); the QDQ graph was not fused into integer kernels")
+    out = {op: n for op, n in counts.items() if op.startswith("QLinear") or op in ("QGemm", "ConvInteger")}
+    out["Add"] = counts.get("Add", 0)
+    return out
 
 
 def _normalization(path) -> tuple[list[float], list[float]]:

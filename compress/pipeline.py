@@ -1,27 +1,32 @@
 """Walks a recipe's stages in order, reusing each stored stage whose content hash (config +
 inputs) is unchanged, and writes the report. Nothing else decides the order."""
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import time
 import zlib
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
 from .commands import cpu_vnni
+from .config import TrainingSpec
 from .data import load_data
-from .engine import RunContext
+from .engine import NonFiniteLoss, RunContext
 from .errors import CompressError
 from .hooks import resolve
 from .losses import LOSSES
 from .models import Ensemble
 from .plots import render_run
-from .report import write_report
-from .stages import STAGES, StageResult, new_model, prepare
+from .report import Report, StageRow, write_report
+from .stages import STAGES, PlanBuilder, StageResult, prepare
 from .storage import Storage
 from .tracking import Tracker
 
@@ -32,6 +37,12 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise CompressError("--device cuda: CUDA is not available on this machine; valid: auto, cpu")
     return torch.device(name)
+
+
+def _say(*args, **kw):
+    """print on rank 0 only (torchrun: one log, not one per process)."""
+    if distributed.is_main():
+        print(*args, **kw)
 
 
 def _stage_dir(run_dir, name):
@@ -50,17 +61,17 @@ def _lookup(stage, key, run_dir, ctx, workdir):
         intact = meta.pop("digest", None) == _digest(meta)
         hashes = dict(meta["hashes"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        print(f"  stored result of '{stage.name}' is unreadable ({meta_path}); recomputing")
+        _say(f"  stored result of '{stage.name}' is unreadable ({meta_path}); recomputing")
         return None
     if stored_key != key:
         return None
     if not intact:
-        print(f"  stored result {meta_path} of stage '{stage.name}' fails its content hash (modified or from an older version); recomputing")
+        _say(f"  stored result {meta_path} of stage '{stage.name}' fails its content hash (modified or from an older version); recomputing")
         return None
     for rel, digest in hashes.items():
         path = Path(workdir) / rel
         if not path.is_file() or sha256(path) != digest:
-            print(f"  stored file {path} of stage '{stage.name}' is missing or corrupt; recomputing")
+            _say(f"  stored file {path} of stage '{stage.name}' is missing or corrupt; recomputing")
             return None
     ckpt = d / "model.pt"
 
@@ -73,7 +84,29 @@ def _lookup(stage, key, run_dir, ctx, workdir):
                        loader=loader if meta.get("spec") else None)
 
 
+def _diverged(stage, epoch, what):
+    """The one line for a stage whose training went non-finite: where, and the likely cause."""
+    opt = getattr(stage, "optimizer", None)
+    cause = (f"optimizer.lr ({opt.lr:g}) or optimizer.weight_decay ({opt.weight_decay:g}) is likely too "
+             "high; lower it" if opt is not None else "the inputs or the loss weights are likely at fault")
+    return CompressError(f"stages.{stage.name} ({stage.kind}): {what}{epoch}; {cause}. Nothing was stored "
+                         "for this stage")
+
+
+def _check_finite(stage, result):
+    """Refuse to store a model with a NaN/inf weight, buffer or metric (a diverged run)."""
+    model = result.model
+    if model is not None:
+        for name, t in [*model.state_dict().items()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _diverged(stage, "", f"'{name}' holds NaN or infinite values after training")
+    bad = [k for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise _diverged(stage, "", f"metric {bad[0]} is NaN or infinite")
+
+
 def _store(stage, key, result, storage, workdir):
+    _check_finite(stage, result)   # nothing non-finite is ever stored (or, later, exported)
     d = storage.owned(_stage_dir(storage.run_dir, stage.name))
     d.mkdir(parents=True, exist_ok=True)
     files = list(result.files)
@@ -115,49 +148,96 @@ def summary_line(i, n, stage, r):
 
 def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
     """Run every stage of `recipe`, reusing unchanged stored stages; returns the report dict.
+    Under torchrun every process calls it; rank 0 alone writes (see compress.distributed).
 
     >>> run_recipe(load_recipe("recipes/vgg_prune_kd.yaml"), device="cpu")
     """
     t_start = time.perf_counter()
-    dev = resolve_device(device)
-    workdir = Path(workdir)
-    storage = Storage(workdir, recipe.name)   # the only folders this run deletes or overwrites in
-    run_dir, export_dir = storage.run_dir, storage.export_dir
-    for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
-        storage.remove(tmp)  # half-written by a killed run; never read, only renamed
+    dev = distributed.init(resolve_device(device))   # torchrun: joins the group, cuda:LOCAL_RANK
+    storage = Storage(Path(workdir), recipe.name)   # the only folders this run deletes or overwrites in
     data = load_data(recipe.data)
-    validate_recipe(recipe, data)
+    validate_recipe(recipe, data)   # every check before anything is written or trained
+    distributed.check_recipe(recipe, dev)
+    # One run of a recipe per workdir at a time; under torchrun rank 0 holds the lock for all.
+    with contextlib.ExitStack() as held:
+        refused = None
+        if distributed.is_main():
+            try:
+                held.enter_context(storage.lock())
+            except CompressError as e:
+                refused = e
+        if not distributed.all_agree(refused is None):
+            raise refused or CompressError(f"{storage.run_dir}: another run of this recipe is in progress "
+                                           "(rank 0 could not take its lock)")
+        return _run(recipe, storage, dev, fresh, data, t_start)
+
+
+def _run(recipe, storage, dev, fresh, data, t_start):
+    main = distributed.is_main()
+    workdir = storage.workdir
+    run_dir, export_dir = storage.run_dir, storage.export_dir
+    if main:
+        for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
+            storage.remove(tmp)  # half-written by a killed run; never read, only renamed
     data = data.to(dev)
+    distributed.barrier()   # rank 0 has cleaned up before any rank reads stored results
     ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,
-                     seed=recipe.seed, logger=Tracker(storage, recipe, data))   # TensorBoard: runs/<recipe>/tb/
+                     seed=recipe.seed,   # TensorBoard: runs/<recipe>/tb/, written by rank 0
+                     logger=Tracker(storage, recipe, data) if main else None)
     keys = {}
     n = len(recipe.stages)
-    print(f"{recipe.name}: {n} stages on {dev} ({data.name}: {len(data.train)} train / "
-          f"{len(data.test)} test images, {data.input_shape})")
+    world = f" x {distributed.world_size()} processes" if distributed.active() else ""
+    _say(f"{recipe.name}: {n} stages on {dev}{world} ({data.name}: {len(data.train)} train / "
+         f"{len(data.test)} test images, {data.input_shape})")
     for i, stage in enumerate(recipe.stages):
         upstream = {ref: keys[ref] for _, ref in stage.stage_refs()}
         key = keys[stage.name] = recipe.stage_key(i, upstream)
         result = None if fresh else _lookup(stage, key, run_dir, ctx, workdir)
-        if result is None:
-            ctx.stage_dir = _stage_dir(run_dir, stage.name)
-            torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(stage.name.encode()))
-            t0 = time.perf_counter()
-            ctx.logger.begin_stage(stage.name)
-            result = STAGES[stage.kind].run(stage, ctx)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            result.seconds = round(time.perf_counter() - t0, 2)
-            _store(stage, key, result, storage, workdir)
+        if not distributed.all_agree(result is not None):   # every rank reuses it, or it runs
+            # Training stages run on every rank (DDP); the others (prune, export, ...) on rank 0.
+            every = issubclass(STAGES[stage.kind].spec, TrainingSpec)
+            result = _run_stage(stage, key, ctx, storage, workdir) if main or every else None
+            if distributed.active():
+                distributed.barrier()   # rank 0 has stored the result
+                if not main:            # every rank goes on from rank 0's stored result
+                    result = _lookup(stage, key, run_dir, ctx, workdir)
+                    if result is None:
+                        raise CompressError(f"rank {distributed.rank()}: stage '{stage.name}' stored by rank 0 "
+                                            f"is not readable under {run_dir}; is --workdir on a shared disk?")
         ctx.results[stage.name] = result
-        ctx.logger.end_stage(stage, result)
-        print(summary_line(i, n, stage, result), flush=True)
+        if ctx.logger:
+            ctx.logger.end_stage(stage, result)
+        _say(summary_line(i, n, stage, result), flush=True)
     wall = time.perf_counter() - t_start
-    report = build_report(recipe, ctx, wall)
-    write_report(report, storage.owned(export_dir / "report.json").parent)
-    ctx.logger.close(report)
-    render_run(report, run_dir, export_dir)   # curves.png, pareto.png from the stored results
-    print(f"report: {export_dir / 'report.md'} ({wall:.1f} s)")
-    return report
+    report = None
+    if main:
+        report = build_report(recipe, ctx, wall)
+        write_report(report, storage.owned(export_dir / "report.json").parent)
+        ctx.logger.close(report)
+        render_run(report, run_dir, export_dir)   # curves.png, pareto.png from the stored results
+        _say(f"report: {export_dir / 'report.md'} ({wall:.1f} s)")
+    return distributed.broadcast(report)
+
+
+def _run_stage(stage, key, ctx, storage, workdir):
+    """Run one stage; rank 0 stores its result (checkpoint, result.json)."""
+    ctx.stage_dir = _stage_dir(storage.run_dir, stage.name)
+    torch.manual_seed(ctx.recipe.seed * 1000003 + zlib.crc32(stage.name.encode()))
+    t0 = time.perf_counter()
+    if ctx.logger:
+        ctx.logger.begin_stage(stage.name)
+    try:
+        result = STAGES[stage.kind].run(stage, ctx)
+    except NonFiniteLoss as e:
+        m = re.search(r"(\d+)/(\d+)$", e.desc)
+        epoch = f" in epoch {m.group(1)} of {m.group(2)}" if m else ""
+        raise _diverged(stage, epoch, f"the loss became NaN or infinite (step {e.steps})") from e
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    result.seconds = round(time.perf_counter() - t0, 2)
+    if distributed.is_main():
+        _store(stage, key, result, storage, workdir)
+    return result
 
 
 def build_report(recipe, ctx, wall):
@@ -166,18 +246,13 @@ def build_report(recipe, ctx, wall):
     for s in recipe.stages:
         r = ctx.results[s.name]
         m = r.metrics
-        row = {"name": s.name, "kind": s.kind, "top1": m.get("top1"), "params": m.get("params"),
-               "macs": m.get("macs"), "seconds": r.seconds, "reused": r.reused}
-        for k in ("params_before", "macs_before"):
-            if k in m:
-                row[k] = m[k]
-        if "ratio" in r.info:
-            row["prune_ratio"] = r.info["ratio"]
-        if "members" in r.info:
-            row["members"] = r.info["members"]
-        stages.append(row)
+        row = StageRow(name=s.name, kind=s.kind, top1=m.get("top1"), params=m.get("params"),
+                       macs=m.get("macs"), seconds=float(r.seconds), reused=r.reused,
+                       params_before=m.get("params_before"), macs_before=m.get("macs_before"),
+                       prune_ratio=r.info.get("ratio"), members=r.info.get("members", []))
+        stages.append(row.model_dump(mode="json", exclude_none=True))
         exports += r.info.get("exports", [])
-    return {
+    report = {
         "recipe": recipe.name,
         "data": {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
                  "train_images": len(data.train), "test_images": len(data.test)},
@@ -187,14 +262,15 @@ def build_report(recipe, ctx, wall):
         "wall_seconds": round(wall, 2),
         "reference": _reference(recipe),
         "comparison": _comparison(recipe, stages),
-        "lineage": {s.name: getattr(s, "from_", None) for s in recipe.stages},
+        "lineage": {s.name: next((r for _, r in s.stage_refs("input")), None) for s in recipe.stages},
         "environment": {"device": str(ctx.device), "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),
-                        "threads": torch.get_num_threads(),
+                        "threads": torch.get_num_threads(), "processes": distributed.world_size(),
                         # VNNI decides whether onnxruntime's integer kernels pay (report.md says so)
                         "vnni": cpu_vnni()},
     }
+    return Report.model_validate(report).model_dump(mode="json")   # the schema `report` reads back
 
 
 def _comparison(recipe, rows):
@@ -217,8 +293,8 @@ def _comparison(recipe, rows):
 def _reference(recipe):
     """The teacher: the first stage some distill/qat stage learns from, else the first stage."""
     for s in recipe.stages:
-        if getattr(s, "teacher", None):
-            return s.teacher
+        for _, ref in s.stage_refs("teacher"):
+            return ref
     return recipe.stages[0].name
 
 
@@ -229,18 +305,21 @@ def validate_recipe(recipe, data=None):
     data = data if data is not None else load_data(recipe.data)
     shape, ncls = data.input_shape, data.num_classes
 
-    def build(name):
-        return new_model(recipe, name, shape[0], ncls)[0]
-
+    build = PlanBuilder(recipe, tuple(shape), ncls)
     skeletons, lines = {}, []
     for i, s in enumerate(recipe.stages):
         skel = STAGES[s.kind].plan(s, skeletons, build)
         if skel is not None:
             skeletons[s.name] = skel
-        t_ref = getattr(s, "teacher", None)
-        t_skel = (Ensemble([skeletons[n] for n in t_ref]) if isinstance(t_ref, list)
-                  else skeletons.get(t_ref))
+        t_refs = [r for _, r in s.stage_refs("teacher")]
+        t_skel = (Ensemble([skeletons[n] for n in t_refs]) if len(t_refs) > 1
+                  else skeletons.get(t_refs[0]) if t_refs else None)
+        batch = getattr(s, "batch_size", None)
+        batch = min(batch, len(data.train)) if batch else None   # drop_last: every batch has this many
         for j, t in enumerate(getattr(s, "loss", []) or []):
+            if why := LOSSES[t.term].batch_problem(batch):
+                raise CompressError(f"stages[{i}].batch_size: {why}" + (
+                    "" if batch == s.batch_size else f" (the training set has only {batch} images)"))
             term = LOSSES[t.term](t)
             for role, paths, model in (("student_layer", term.student_layers(), skel),
                                        ("teacher_layer", term.teacher_layers(), t_skel)):
@@ -248,7 +327,7 @@ def validate_recipe(recipe, data=None):
                     if model is None:
                         raise CompressError(f"stages[{i}].loss[{j}].{role}: stage has no teacher")
                     resolve(model, p, f"stages[{i}].loss[{j}].{role}")
-        refs = ", ".join(f"{'from' if f == 'from_' else f}={r}" for f, r in s.stage_refs() + s.model_refs())
+        refs = ", ".join(f"{f}={r}" for f, _, r in s.refs())
         lines.append(f"  {i + 1}. {s.name} ({s.kind}){': ' + refs if refs else ''}")
     head = (f"{recipe.name}: valid; data {data.name} {len(data.train)}/{len(data.test)} images "
             f"{tuple(shape)}, {ncls} classes from {data.source}")

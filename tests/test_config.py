@@ -309,14 +309,20 @@ def test_cli_fitnet_valid_layers_pass(tiny_recipe_dict, tmp_path, no_fallback_da
 
 
 def test_cli_data_not_found_lists_tried(tiny_recipe_dict, tmp_path, no_fallback_data, capsys):
+    tiny_recipe_dict["data"] = {"name": "fashion_mnist", "download": False}
+    msg = cli_error(capsys, ["validate", str(write_recipe(tmp_path, tiny_recipe_dict))])
+    assert msg.startswith("fashion_mnist: dataset not found; tried ")
+    assert f"Debian dataset-fashion-mnist {tmp_path / 'no-debian'}" in msg
+    assert "no download (data.download: false)" in msg
+
+
+def test_cli_empty_explicit_root_is_the_only_place_looked(tiny_recipe_dict, tmp_path, no_fallback_data, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     tiny_recipe_dict["data"] = {"name": "fashion_mnist", "root": str(empty), "download": False}
     msg = cli_error(capsys, ["validate", str(write_recipe(tmp_path, tiny_recipe_dict))])
-    assert msg.startswith("fashion_mnist: dataset not found; tried ")
-    assert f"root {empty}" in msg
-    assert f"Debian dataset-fashion-mnist {tmp_path / 'no-debian'}" in msg
-    assert "no download (data.download: false)" in msg
+    assert msg.startswith(f"fashion_mnist: data.root {empty} (lacks the four IDX files)")
+    assert "Debian" not in msg
 
 
 def test_cli_unknown_dataset(tiny_recipe_dict, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch_pruning as tp
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import StageSpec
+from ..config import StageSpec, stage_ref
 from ..errors import CompressError
 from ..hooks import resolve
 from ..models import layer_shapes, make_spec
@@ -31,7 +31,7 @@ IMPORTANCES.register("random")(lambda: tp.importance.RandomImportance())
 
 class PruneStage(StageSpec):
     kind: Literal["prune"] = "prune"
-    from_: str = Field(alias="from")
+    from_: stage_ref(float_model=True) = Field(alias="from", description="earlier stage with a float model")
     ratio: Optional[float] = Field(None, gt=0, lt=1, description="fraction of channels removed per layer")
     target_macs: Optional[float] = Field(None, gt=0, lt=1, description="fraction of the input's MACs to keep")
     importance: str = "l1"
@@ -69,11 +69,39 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     return model
 
 
+def max_ratio(model, cfg, num_classes):
+    """The largest per-layer ratio that leaves every pruned layer at least one channel, and
+    the layer that sets it. torch-pruning keeps int(C * (1 - ratio)) of a layer's C channels
+    (rounded down to `round_to`) and silently skips a layer it would empty, so above this
+    ratio fewer channels would be pruned, not more."""
+    ignored = {id(m) for m in classifier_layers(model, num_classes)}
+    ignored |= {id(resolve(model, p, "ignore")) for p in cfg.ignore}
+    step = cfg.round_to or 1
+    widths = [(path, m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+              for path, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in ignored]
+    if not widths:
+        return None, None
+    path, c = min(widths, key=lambda w: w[1])
+    # keep = int(c * (1 - r)) >= step  <=>  r <= 1 - step / c (less a hair for float rounding)
+    return max(0.0, 1 - step / c - 1e-9), path
+
+
+def check_ratio(model, cfg, num_classes, ratio, field):
+    """Refuse a ratio that would empty a layer (torch-pruning would then prune less)."""
+    top, layer = max_ratio(model, cfg, num_classes)
+    if top is None:
+        raise CompressError(f"stages.{cfg.name}: nothing to prune (every Conv2d/Linear is ignored or the classifier)")
+    if ratio > top:
+        raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' no channel; "
+                            f"at most {top:.4f} for this model (with round_to {cfg.round_to or 1})")
+
+
 def ratio_for_macs(model, cfg, input_shape, num_classes, target):
     """Smallest per-layer ratio whose pruned model keeps <= `target` x the MACs (bisection:
     torch-pruning has no MACs target of its own; importance is deterministic)."""
     _, base = model_cost(model, input_shape)
-    lo, hi = 0.0, 0.99
+    lo, hi = 0.0, max_ratio(model, cfg, num_classes)[0] or 0.0
     for _ in range(14):
         mid = (lo + hi) / 2
         trial = prune_model(copy.deepcopy(model), cfg, input_shape, num_classes, mid)
@@ -91,7 +119,16 @@ def ratio_for_macs(model, cfg, input_shape, num_classes, target):
 
 
 def _plan(cfg, inputs, build):
-    return plan_student(cfg, inputs, build)
+    """Check on the input's skeleton what `run` would fail on after training: the `ignore`
+    paths exist, the ratio leaves every layer a channel, a MACs target is reachable."""
+    skel = plan_student(cfg, inputs, build)
+    for i, p in enumerate(cfg.ignore):
+        resolve(skel, p, f"stages.{cfg.name}.ignore[{i}]")
+    if cfg.ratio is not None:
+        check_ratio(skel, cfg, build.num_classes, cfg.ratio, "ratio")
+    else:
+        ratio_for_macs(copy.deepcopy(skel).eval(), cfg, build.input_shape, build.num_classes, cfg.target_macs)
+    return skel
 
 
 @register("prune", PruneStage, _plan)
@@ -105,6 +142,8 @@ def run(cfg, ctx):
     shape, ncls = ctx.data.input_shape, ctx.data.num_classes
     before = layer_shapes(model)
     params0, macs0 = model_cost(model, shape)
+    if cfg.ratio is not None:
+        check_ratio(model, cfg, ncls, cfg.ratio, "ratio")
     ratio = cfg.ratio if cfg.ratio is not None else ratio_for_macs(model, cfg, shape, ncls, cfg.target_macs)
     try:
         prune_model(model, cfg, shape, ncls, ratio)
