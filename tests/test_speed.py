@@ -199,3 +199,15 @@ def test_bench_compare_several_files(exported, capsys):
         assert [float(r[4].rstrip("×")) for r in rows[1:]] == pytest.approx(
             [m / medians[0] for m in medians[1:]], rel=0.05, abs=0.006)   # printed rounded
     assert re.search(r"^int8\.onnx is .* the other file other\.onnx at batch 4 ", out, re.M)
+
+
+@pytest.mark.parametrize("vnni, batch, says", [
+    ([], "b64", "this CPU has no VNNI"),
+    (["avx512_vnni"], "b1", "a call this short (0.050 ms) is dominated by fixed costs"),
+    (["avx512_vnni"], "b64", "the model has only 1.6M multiply-adds per image"),
+])
+def test_report_says_why_int8_is_not_faster(vnni, batch, says):
+    from compress.report import _why_not_faster
+
+    report = {"environment": {"vnni": vnni}, "stages": [{"name": "qat", "macs": 1_580_000}]}
+    assert says in _why_not_faster(report, {"model": "qat"}, batch, 0.05)
