@@ -20,7 +20,7 @@ from .losses import LOSSES
 from .models import Ensemble
 from .plots import render_run
 from .report import write_report
-from .stages import STAGES, StageResult, new_model, prepare
+from .stages import STAGES, SkeletonBuilder, StageResult, prepare
 from .storage import Storage
 from .tracking import Tracker
 
@@ -226,9 +226,7 @@ def validate_recipe(recipe, data=None):
     data = data if data is not None else load_data(recipe.data)
     shape, ncls = data.input_shape, data.num_classes
 
-    def build(name):
-        return new_model(recipe, name, shape[0], ncls)[0]
-
+    build = SkeletonBuilder(recipe, shape, ncls)
     skeletons, lines = {}, []
     for i, s in enumerate(recipe.stages):
         skel = STAGES[s.kind].plan(s, skeletons, build)

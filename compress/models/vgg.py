@@ -21,21 +21,29 @@ VGG_CFGS = {
 class VGG(nn.Sequential):
     """VGG with BatchNorm: ``features`` (conv-bn-relu / max-pool), global average
     pool, flatten, linear ``classifier``. A Sequential so the layer order is explicit.
+    Feature points: ``stageK`` the ReLU before the K-th max-pool (the last stage: the
+    last ReLU), ``penultimate`` the classifier's input.
 
     >>> VGG([16, "M", 32], in_channels=1, num_classes=10)(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
     """
 
     def __init__(self, cfg, in_channels=3, num_classes=10):
-        layers, c = [], in_channels
+        layers, c, stages = [], in_channels, []
         for v in cfg:
             if v == "M":
+                if layers and isinstance(layers[-1], nn.ReLU):
+                    stages.append(f"features.{len(layers) - 1}")
                 layers.append(nn.MaxPool2d(2))
             else:
                 layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)),
                            nn.ReLU(inplace=True)]
                 c = int(v)
+        if layers and isinstance(layers[-1], nn.ReLU):
+            stages.append(f"features.{len(layers) - 1}")
         super().__init__()
+        self.feature_points = {**{f"stage{i + 1}": p for i, p in enumerate(stages)},
+                               "penultimate": "classifier"}
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten(1)
