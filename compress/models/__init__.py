@@ -99,19 +99,32 @@ def resolve_point(model, name):
 
 def _shape(m):
     """The recorded widths of a prunable layer (subclasses included: timm's BatchNormAct2d,
-    Conv2dSame), or None for other modules."""
+    Conv2dSame, LayerNorm2d), or None for other modules."""
     if isinstance(m, nn.Conv2d):
         return {"in_channels": int(m.in_channels), "out_channels": int(m.out_channels), "groups": int(m.groups)}
     if isinstance(m, nn.Linear):
         return {"in_features": int(m.in_features), "out_features": int(m.out_features)}
     if isinstance(m, _BatchNorm):
         return {"num_features": int(m.num_features)}
+    if isinstance(m, nn.GroupNorm):
+        return {"num_groups": int(m.num_groups), "num_channels": int(m.num_channels)}
+    if isinstance(m, nn.LayerNorm):
+        return {"normalized_shape": [int(d) for d in m.normalized_shape]}
     return None
 
 
 def layer_shapes(model):
-    """{module path: {attr: int}} for every Conv2d/Linear/BatchNorm: the pruned widths."""
-    return {p: s for p, m in model.named_modules() if (s := _shape(m)) is not None}
+    """{module path: {attr: int}} for every Conv2d/Linear/BatchNorm/GroupNorm/LayerNorm:
+    the pruned widths; and {parameter path: {"shape": [...]}} for the parameters of other
+    modules (e.g. a ConvNeXt block's layer-scale `gamma`, pruned with its channels)."""
+    shapes = {}
+    for p, m in model.named_modules():
+        if (s := _shape(m)) is not None:
+            shapes[p] = s
+        else:
+            for n, t in m.named_parameters(recurse=False):
+                shapes[f"{p}.{n}" if p else n] = {"shape": list(t.shape)}
+    return shapes
 
 
 def _drop(n_now, n_want):
@@ -136,8 +149,12 @@ def _resize(m, s):
             tp.prune_linear_out_channels(m, _drop(cur["out_features"], s["out_features"]))
         if s["in_features"] < cur["in_features"]:
             tp.prune_linear_in_channels(m, _drop(cur["in_features"], s["in_features"]))
-    else:
+    elif isinstance(m, _BatchNorm):
         tp.prune_batchnorm_out_channels(m, _drop(cur["num_features"], s["num_features"]))
+    elif isinstance(m, nn.GroupNorm):
+        tp.prune_groupnorm_out_channels(m, _drop(cur["num_channels"], s["num_channels"]))
+    elif len(s["normalized_shape"]) == len(cur["normalized_shape"]):   # LayerNorm: channels last
+        tp.prune_layernorm_out_channels(m, _drop(cur["normalized_shape"][-1], s["normalized_shape"][-1]))
     return _shape(m)
 
 
@@ -148,6 +165,12 @@ def apply_layer_shapes(model, shapes):
         if path not in current:
             raise CompressError(f"checkpoint names layer '{path}' that model lacks")
         if current[path] == s:
+            continue
+        if "shape" in s:   # a bare parameter: its values come from the state_dict
+            parent, _, leaf = path.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            old = getattr(owner, leaf)
+            setattr(owner, leaf, nn.Parameter(old.new_empty(s["shape"]), old.requires_grad))
             continue
         got = _resize(model.get_submodule(path), s)
         if got != s:
