@@ -229,7 +229,11 @@ def validate_recipe(recipe, data=None):
     build = SkeletonBuilder(recipe, shape, ncls)
     skeletons, lines = {}, []
     for i, s in enumerate(recipe.stages):
-        skel = STAGES[s.kind].plan(s, skeletons, build)
+        try:
+            skel = STAGES[s.kind].plan(s, skeletons, build)
+        except CompressError as e:   # one line that names the stage
+            msg = str(e)
+            raise CompressError(msg if msg.startswith(("stages.", "stages[", "models.")) else f"stages.{s.name}: {msg}") from None
         if skel is not None:
             skeletons[s.name] = skel
         t_ref = getattr(s, "teacher", None)

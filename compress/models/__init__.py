@@ -26,6 +26,8 @@ MODELS = Registry("model")   # filled by one file per architecture family in thi
 HUBS = Registry("model hub")
 
 PENULTIMATE = "penultimate"
+# Arguments that would load or download weights: a recipe never does either.
+REFUSED_ARGS = ("weights", "pretrained", "progress", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
 
 
 def model_factory(arch, path=None):

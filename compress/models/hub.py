@@ -16,10 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CompressError
-from . import HUBS, PENULTIMATE, classifier_path
-
-# Arguments that would load or download weights: a recipe never does either.
-_REFUSED = ("weights", "pretrained", "progress", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")
+from . import HUBS, PENULTIMATE, REFUSED_ARGS, classifier_path
 
 
 def _unknown(hub, name, names, listing):
@@ -39,7 +36,7 @@ def _signature(params, var_kwargs):
 
 
 def _refuse(hub, name, kwargs):
-    for k in _REFUSED:
+    for k in REFUSED_ARGS:
         if k in kwargs:
             raise CompressError(f"{hub}:{name}: argument '{k}' is not allowed: models start from a random "
                                 "initialisation (nothing is downloaded or loaded)")

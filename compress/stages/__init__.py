@@ -72,12 +72,15 @@ def new_model(recipe, name, in_channels, num_classes, salt=""):
     """(model, spec) for the recipe's `models.<name>` entry, sized for the data. `salt`
     draws a different initialisation of the same entry (e.g. the peers of a cohort)."""
     from ..errors import CompressError
-    from ..models import build_model, factory_params, make_spec, model_factory, validate_cfg
+    from ..models import REFUSED_ARGS, build_model, factory_params, make_spec, model_factory, validate_cfg
 
     d = recipe.models[name]
     factory = model_factory(d.arch, f"models.{name}.arch")
     allowed, any_kwargs = factory_params(factory)
     for k in d.args:
+        if k in REFUSED_ARGS:
+            raise CompressError(f"models.{name}.args.{k}: not allowed: models start from a random "
+                                "initialisation (nothing is downloaded or loaded)")
         if (k not in allowed and not any_kwargs) or k in ("in_channels", "num_classes"):
             valid = sorted(allowed - {"in_channels", "num_classes"})
             raise CompressError(f"models.{name}.args.{k}: unknown argument of {d.arch}; valid: {', '.join(valid)}"

@@ -120,7 +120,9 @@ def _plan(cfg, inputs, build):
     ratio = cfg.ratio if cfg.ratio is not None else 1 - cfg.target_macs ** 0.5
     try:
         prune_model(model, cfg, shape, ncls, ratio)
-        model(torch.zeros(2, *shape))
+        out = model.eval()(torch.zeros(2, *shape))
+        if tuple(out.shape) != (2, ncls):
+            raise ValueError(f"the pruned model maps a batch of 2 to logits of shape {tuple(out.shape)}")
     except CompressError as e:
         raise CompressError(f"{where}.{e}" if str(e).startswith("ignore:") else f"{where}: {e}") from None
     except Exception as e:  # noqa: BLE001 - torch-pruning errors become one line
