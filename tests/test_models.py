@@ -252,3 +252,14 @@ def test_train_prune_distill_with_a_feature_term_on_a_named_point(arch, tiny_rec
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         assert not torch.equal(pruned.eval()(x), distilled.eval()(x))     # distillation trained it
+
+
+def test_penultimate_on_a_fake_quant_model_taps_the_wrapper_that_runs():
+    from compress.quant import QuantSpec, quantize_model
+
+    model, _ = build("vgg_small", (1, 28, 28))
+    q = quantize_model(model, QuantSpec())
+    taps = FeatureTaps(q, ["penultimate"])
+    with torch.no_grad(), taps.attached():
+        q.eval()(torch.rand(2, 1, 28, 28))
+    assert taps.features["penultimate"].shape == (2, model.classifier.in_features)

@@ -63,6 +63,13 @@ def classifier_path(model, num_classes=None):
         outs = m.out_features if isinstance(m, nn.Linear) else m.out_channels if isinstance(m, nn.Conv2d) else None
         if outs is not None and (outs == num_classes if num_classes is not None else isinstance(m, nn.Linear)):
             last = p
+    # A layer wrapped by a module of its own (a fake-quant QLinear holding `linear`) may
+    # never be called: the wrapper is the classifier.
+    while last and "." in last:
+        parent = last.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent), (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            break
+        last = parent
     return last
 
 
