@@ -25,6 +25,10 @@ def _parser():
     r.add_argument("--fresh", action="store_true", help="ignore stored stage results")
     r.add_argument("--workdir", default=".", help="where runs/ and exports/ go (default: .)")
     sub.add_parser("validate", parents=[common], help="check a recipe without training")
+    from .sweep import add_arguments
+
+    add_arguments(sub.add_parser("sweep", parents=[common], help="run the recipe once per configuration "
+                                 "(Ray Tune) to a Pareto front; needs pip install -e '.[sweep]'"))
     from .commands import add_subcommands
 
     add_subcommands(sub)   # eval, bench, compare, report: measure files, re-read stored results
@@ -55,11 +59,15 @@ def main(argv=None):
         load_plugins(getattr(args, "plugins", []))
         if hasattr(args, "handler"):   # a command of compress/commands.py; no recipe
             return args.handler(args)
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = load_recipe(args.recipe, args.overrides)   # sweep: the base recipe checked first
         if args.command == "validate":
             from .pipeline import validate_recipe
 
             print("\n".join(validate_recipe(recipe)))
+        elif args.command == "sweep":
+            from .sweep import run_sweep
+
+            run_sweep(args)
         else:
             from .pipeline import run_recipe
 
@@ -83,6 +91,10 @@ def main(argv=None):
         return 130
     finally:
         threading.excepthook = hook
+        if args.command == "run":
+            from .distributed import teardown
+
+            teardown()   # torchrun: leave the process group (a no-op in one process)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,8 @@ class TrainingSpec(Spec):
     warmup: float = Field(0.25, ge=0, lt=1, description="OneCycle warm-up fraction")
     augment: AugmentSpec = AugmentSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    sync_batchnorm: bool = Field(False, description="torchrun on CUDA: BatchNorm statistics over the "
+                                 "global batch (SyncBatchNorm); no effect in one process")
 
 
 class StageSpec(Spec):

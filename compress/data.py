@@ -101,9 +101,11 @@ def augment_batch(x, crop, flip, generator):
 
 
 def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=None,
-            channels_last=False, drop_last=False, flip_all=False):
+            channels_last=False, drop_last=False, flip_all=False, shard=(0, 1)):
     """Yield :class:`Batch` es of normalised (and optionally augmented) images by index.
-    `flip_all` yields every image mirrored (view 1), e.g. to cache a teacher's outputs."""
+    `flip_all` yields every image mirrored (view 1), e.g. to cache a teacher's outputs.
+    `shard` = (rank, world): yield only rows rank::world of each batch (one process's part of
+    a global batch under torchrun; the same images and augmentation as in one process)."""
     n = len(split)
     dev = split.x.device
     order = torch.randperm(n, device=dev, generator=generator) if shuffle else torch.arange(n, device=dev)
@@ -120,6 +122,9 @@ def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=N
         m = torch.tensor(data.mean, device=dev).view(1, -1, 1, 1)
         s = torch.tensor(data.std, device=dev).view(1, -1, 1, 1)
         x = (x - m) / s
+        if shard[1] > 1:
+            r, w = shard
+            x, idx, view = x[r::w], idx[r::w], view[r::w]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield Batch(x, split.y[idx], idx, view)

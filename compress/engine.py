@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .data import Split, iterate, num_batches
 
 
@@ -94,7 +95,7 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     objective.train()
     sums, correct, seen = {}, torch.zeros((), device=ctx.device), 0
     bar = tqdm(total=steps * batch_size, desc=desc, unit="img", unit_scale=True, leave=False,
-               disable=None, dynamic_ncols=True)
+               disable=None if distributed.is_main() else True, dynamic_ncols=True)
     t0 = time.perf_counter()
     lr, n_steps = optimizer.param_groups[0]["lr"], 0   # Python floats/ints: no device sync
     for step, batch in enumerate(batches):
@@ -115,6 +116,9 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
             bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
     bar.close()
+    if distributed.active():   # metrics of the global batch, not of this rank's shard (one all-reduce)
+        vals = distributed.all_sum([*sums.values(), correct, torch.tensor(float(seen), device=ctx.device)])
+        sums, correct, seen = dict(zip(sums, vals)), vals[-2], int(vals[-1])
     out = {f"loss/{k}": float(v) / max(seen, 1) for k, v in sums.items()}
     out["loss"] = sum(out.values())
     out["train_top1"] = 100.0 * float(correct) / max(seen, 1)
@@ -159,18 +163,22 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     steps = num_batches(len(data), spec.batch_size, drop_last=True)
     scheduler = build_scheduler(spec, optimizer, steps * spec.epochs)
     gen = ctx.generator(salt=zlib.crc32(name.encode()))
+    # torchrun: `batch_size` is the global batch; each rank trains on its rows of it under DDP
+    restore_bn = distributed.use_sync_batchnorm(model, spec.sync_batchnorm)
+    step_objective, shard = distributed.wrap(model, objective, ctx.device), distributed.shard()
     history = []
     for epoch in range(spec.epochs):
         if on_epoch_start:
             on_epoch_start(epoch)
         batches = iterate(data, ctx.data, spec.batch_size, shuffle=True, augment=spec.augment,
-                          generator=gen, channels_last=True, drop_last=True)
-        m = train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, steps=steps,
-                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size)
+                          generator=gen, channels_last=True, drop_last=True, shard=shard)
+        m = train_one_epoch(model, step_objective, optimizer, scheduler, batches, ctx, steps=steps,
+                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size // shard[1])
         m["test_top1"] = evaluate(model, ctx)
         history.append(m)
         if ctx.logger:
             ctx.logger.epoch(name, epoch, m)
+    restore_bn()
     return history
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
+from .config import TrainingSpec
 from .data import load_data
 from .engine import RunContext
 from .errors import CompressError
@@ -33,6 +35,12 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def _say(*args, **kw):
+    """print on rank 0 only (torchrun: one log, not one per process)."""
+    if distributed.is_main():
+        print(*args, **kw)
+
+
 def _stage_dir(run_dir, name):
     return Path(run_dir) / "stages" / name
 
@@ -49,17 +57,17 @@ def _lookup(stage, key, run_dir, ctx, workdir):
         intact = meta.pop("digest", None) == _digest(meta)
         hashes = dict(meta["hashes"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        print(f"  stored result of '{stage.name}' is unreadable ({meta_path}); recomputing")
+        _say(f"  stored result of '{stage.name}' is unreadable ({meta_path}); recomputing")
         return None
     if stored_key != key:
         return None
     if not intact:
-        print(f"  stored result {meta_path} of stage '{stage.name}' fails its content hash (modified or from an older version); recomputing")
+        _say(f"  stored result {meta_path} of stage '{stage.name}' fails its content hash (modified or from an older version); recomputing")
         return None
     for rel, digest in hashes.items():
         path = Path(workdir) / rel
         if not path.is_file() or sha256(path) != digest:
-            print(f"  stored file {path} of stage '{stage.name}' is missing or corrupt; recomputing")
+            _say(f"  stored file {path} of stage '{stage.name}' is missing or corrupt; recomputing")
             return None
     ckpt = d / "model.pt"
 
@@ -114,49 +122,76 @@ def summary_line(i, n, stage, r):
 
 def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
     """Run every stage of `recipe`, reusing unchanged stored stages; returns the report dict.
+    Under torchrun every process calls it; rank 0 alone writes (see compress.distributed).
 
     >>> run_recipe(load_recipe("recipes/vgg_prune_kd.yaml"), device="cpu")
     """
     t_start = time.perf_counter()
-    dev = resolve_device(device)
+    dev = distributed.init(resolve_device(device))   # torchrun: joins the group, cuda:LOCAL_RANK
+    main = distributed.is_main()
     workdir = Path(workdir)
     storage = Storage(workdir, recipe.name)   # the only folders this run deletes or overwrites in
     run_dir, export_dir = storage.run_dir, storage.export_dir
-    for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
-        storage.remove(tmp)  # half-written by a killed run; never read, only renamed
+    if main:
+        for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
+            storage.remove(tmp)  # half-written by a killed run; never read, only renamed
     data = load_data(recipe.data)
     validate_recipe(recipe, data)
+    distributed.check_recipe(recipe, dev)
     data = data.to(dev)
+    distributed.barrier()   # rank 0 has cleaned up before any rank reads stored results
     ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,
-                     seed=recipe.seed, logger=Tracker(storage, recipe, data))   # TensorBoard: runs/<recipe>/tb/
+                     seed=recipe.seed,   # TensorBoard: runs/<recipe>/tb/, written by rank 0
+                     logger=Tracker(storage, recipe, data) if main else None)
     keys = {}
     n = len(recipe.stages)
-    print(f"{recipe.name}: {n} stages on {dev} ({data.name}: {len(data.train)} train / "
-          f"{len(data.test)} test images, {data.input_shape})")
+    world = f" x {distributed.world_size()} processes" if distributed.active() else ""
+    _say(f"{recipe.name}: {n} stages on {dev}{world} ({data.name}: {len(data.train)} train / "
+         f"{len(data.test)} test images, {data.input_shape})")
     for i, stage in enumerate(recipe.stages):
         upstream = {ref: keys[ref] for _, ref in stage.stage_refs()}
         key = keys[stage.name] = recipe.stage_key(i, upstream)
         result = None if fresh else _lookup(stage, key, run_dir, ctx, workdir)
-        if result is None:
-            ctx.stage_dir = _stage_dir(run_dir, stage.name)
-            torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(stage.name.encode()))
-            t0 = time.perf_counter()
-            ctx.logger.begin_stage(stage.name)
-            result = STAGES[stage.kind].run(stage, ctx)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            result.seconds = round(time.perf_counter() - t0, 2)
-            _store(stage, key, result, storage, workdir)
+        if not distributed.all_agree(result is not None):   # every rank reuses it, or it runs
+            # Training stages run on every rank (DDP); the others (prune, export, ...) on rank 0.
+            every = issubclass(STAGES[stage.kind].spec, TrainingSpec)
+            result = _run_stage(stage, key, ctx, storage, workdir) if main or every else None
+            if distributed.active():
+                distributed.barrier()   # rank 0 has stored the result
+                if not main:            # every rank goes on from rank 0's stored result
+                    result = _lookup(stage, key, run_dir, ctx, workdir)
+                    if result is None:
+                        raise CompressError(f"rank {distributed.rank()}: stage '{stage.name}' stored by rank 0 "
+                                            f"is not readable under {run_dir}; is --workdir on a shared disk?")
         ctx.results[stage.name] = result
-        ctx.logger.end_stage(stage, result)
-        print(summary_line(i, n, stage, result), flush=True)
+        if ctx.logger:
+            ctx.logger.end_stage(stage, result)
+        _say(summary_line(i, n, stage, result), flush=True)
     wall = time.perf_counter() - t_start
-    report = build_report(recipe, ctx, wall)
-    write_report(report, storage.owned(export_dir / "report.json").parent)
-    ctx.logger.close(report)
-    render_run(report, run_dir, export_dir)   # curves.png, pareto.png from the stored results
-    print(f"report: {export_dir / 'report.md'} ({wall:.1f} s)")
-    return report
+    report = None
+    if main:
+        report = build_report(recipe, ctx, wall)
+        write_report(report, storage.owned(export_dir / "report.json").parent)
+        ctx.logger.close(report)
+        render_run(report, run_dir, export_dir)   # curves.png, pareto.png from the stored results
+        _say(f"report: {export_dir / 'report.md'} ({wall:.1f} s)")
+    return distributed.broadcast(report)
+
+
+def _run_stage(stage, key, ctx, storage, workdir):
+    """Run one stage; rank 0 stores its result (checkpoint, result.json)."""
+    ctx.stage_dir = _stage_dir(storage.run_dir, stage.name)
+    torch.manual_seed(ctx.recipe.seed * 1000003 + zlib.crc32(stage.name.encode()))
+    t0 = time.perf_counter()
+    if ctx.logger:
+        ctx.logger.begin_stage(stage.name)
+    result = STAGES[stage.kind].run(stage, ctx)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    result.seconds = round(time.perf_counter() - t0, 2)
+    if distributed.is_main():
+        _store(stage, key, result, storage, workdir)
+    return result
 
 
 def build_report(recipe, ctx, wall):
@@ -190,7 +225,7 @@ def build_report(recipe, ctx, wall):
         "environment": {"device": str(ctx.device), "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(), "processes": distributed.world_size()},
     }
 
 
@@ -220,7 +255,8 @@ def _reference(recipe):
 
 
 def validate_recipe(recipe, data=None):
-    """Check what can be checked without training: data, models, stage references and the
+    """Check what can be checked without training: data, models, stage references, what each
+    stage kind's plan proves on the skeleton (e.g. a trial prune) and the feature points and
     layer paths loss terms tap (resolved on each stage's model skeleton). Returns plan lines.
     `run` makes the same checks first, so a mistake costs no training."""
     data = data if data is not None else load_data(recipe.data)
@@ -233,7 +269,8 @@ def validate_recipe(recipe, data=None):
             skel = STAGES[s.kind].plan(s, skeletons, build)
         except CompressError as e:   # one line that names the stage
             msg = str(e)
-            raise CompressError(msg if msg.startswith(("stages.", "stages[", "models.")) else f"stages.{s.name}: {msg}") from None
+            named = msg.startswith(("stages.", "stages[", "models."))
+            raise CompressError(msg if named else f"stages.{s.name}: {msg}") from None
         if skel is not None:
             skeletons[s.name] = skel
         t_ref = getattr(s, "teacher", None)

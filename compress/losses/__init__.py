@@ -59,6 +59,7 @@ class TermInfo:
 
     num_samples: Optional[int] = None   # training images; batch.index is in [0, num_samples)
     num_classes: Optional[int] = None
+    world_size: int = 1                 # processes sharing each global batch (torchrun)
 
 
 def match_spatial(s, t):
@@ -79,6 +80,9 @@ class LossTerm(nn.Module):
 
     spec_cls = TermSpec
     uses_teacher = False
+    # Why the term cannot train under DDP (state DDP does not keep in step across processes),
+    # or None; the pipeline refuses such a recipe under torchrun before training.
+    distributed_problem = None
 
     def __init__(self, spec):
         super().__init__()

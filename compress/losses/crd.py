@@ -70,6 +70,8 @@ class CRD(LossTerm):
 
     spec_cls = CRDSpec
     uses_teacher = True
+    distributed_problem = ("its memory bank holds one row per training image and each process "
+                           "would update only its own shard's rows")
 
     def setup(self, student_shapes, teacher_shapes, info=None):
         n = info.num_samples if info is not None else None

@@ -70,11 +70,12 @@ class DKD(LossTerm):
 
     def __init__(self, spec):
         super().__init__(spec)
-        self.num_samples = None
+        self.num_samples, self.world_size = None, 1
         self.register_buffer("seen", torch.zeros((), dtype=torch.long), persistent=False)
 
     def setup(self, student_shapes, teacher_shapes, info=None):
         self.num_samples = info.num_samples if info is not None else None
+        self.world_size = info.world_size if info is not None else 1
 
     def forward(self, student, teacher, batch):
         loss = dkd_loss(student.logits, teacher.logits, batch.y, self.spec.alpha, self.spec.beta, self.spec.T)
@@ -82,7 +83,7 @@ class DKD(LossTerm):
             if not self.num_samples:
                 raise ValueError("dkd: warmup_epochs needs the training-set size (Objective(..., info=TermInfo(num_samples=N)))")
             if self.training:
-                self.seen += batch.y.numel()
+                self.seen += batch.y.numel() * self.world_size   # images of the global batch
             ramp = (self.seen.float() / (self.spec.warmup_epochs * self.num_samples)).clamp(max=1.0)
             loss = loss * ramp
         return loss

@@ -172,8 +172,10 @@ def teacher_key(cfg):
 def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any hashable key
     """Teacher logits for every training image in every view the batches can show
     ([views, N, classes]), computed once per run and cached; None when the batch transform
-    has no finite set of views (random crops), so the teacher must run on each batch."""
-    from ..data import iterate
+    has no finite set of views (random crops), so the teacher must run on each batch.
+    Under torchrun each process computes its shard of the images and all gather the table."""
+    from .. import distributed
+    from ..data import Split, iterate
 
     views = augment.views
     if views is None:
@@ -181,13 +183,19 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
     key = ("teacher_logits", teacher_name, views)
     if key not in ctx.cache:
         bs = ctx.recipe.data.eval_batch_size
-        out = []
-        with torch.no_grad():
-            for v in range(views):
-                batches = iterate(ctx.data.train, ctx.data, bs, channels_last=True, flip_all=bool(v))
-                with ctx.autocast():
-                    out.append(torch.cat([teacher(b.x).float() for b in batches]))
-        ctx.cache[key] = torch.stack(out)
+        train = ctx.data.train
+
+        def rows(idx):   # [len(idx), views, classes]
+            part = train if len(idx) == len(train) else Split(train.x[idx], train.y[idx])
+            out = []
+            with torch.no_grad():
+                for v in range(views):
+                    batches = iterate(part, ctx.data, bs, channels_last=True, flip_all=bool(v))
+                    with ctx.autocast():
+                        out.append(torch.cat([teacher(b.x).float() for b in batches]))
+            return torch.stack(out, 1)
+
+        ctx.cache[key] = distributed.gather_rows(rows, len(train), train.x.device).transpose(0, 1).contiguous()
     return ctx.cache[key]
 
 

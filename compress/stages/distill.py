@@ -5,6 +5,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
+from .. import distributed
 from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights
 from ..data import iterate
 from ..engine import fit
@@ -36,7 +37,8 @@ def build_objective(cfg, model, ctx):
     """The stage's Objective on the device, with teacher logits cached when possible."""
     teacher = teacher_of(cfg, ctx)
     sample = next(iterate(ctx.data.train, ctx.data, 2, channels_last=True)).x
-    info = TermInfo(num_samples=len(ctx.data.train), num_classes=ctx.data.num_classes)
+    info = TermInfo(num_samples=len(ctx.data.train), num_classes=ctx.data.num_classes,
+                    world_size=distributed.world_size())
     objective = Objective(cfg.loss, model, teacher, sample=sample, info=info)
     if objective.needs_teacher and teacher is None:
         raise ValueError("loss terms need a teacher")
