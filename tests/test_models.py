@@ -263,3 +263,13 @@ def test_penultimate_on_a_fake_quant_model_taps_the_wrapper_that_runs():
     with torch.no_grad(), taps.attached():
         q.eval()(torch.rand(2, 1, 28, 28))
     assert taps.features["penultimate"].shape == (2, model.classifier.in_features)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    model = build_model({"arch": "resnet20", "args": {"in_channels": 1, "num_classes": 10,
+                                                      "zero_init_residual": True}})
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert blocks and all(not b.bn2.weight.detach().any() for b in blocks)
+    x = torch.rand(2, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.layer1[1].eval()(x), torch.relu(x))   # identity shortcut + relu

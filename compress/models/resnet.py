@@ -37,7 +37,8 @@ class CifarResNet(nn.Module):
     """ResNet-`depth` for small images: widths [stem, stage1, stage2, stage3].
 
     Feature points: ``stem`` (after the first conv), ``stage1``..``stage3`` (each stage's
-    last block), ``penultimate`` (the classifier's input).
+    last block), ``penultimate`` (the classifier's input). `zero_init_residual` starts each
+    block's last BN scale at 0 (Goyal et al. 2017), so every block begins as the identity.
 
     >>> CifarResNet(20, [16, 16, 32, 64], in_channels=1)(torch.zeros(2, 1, 28, 28)).shape
     torch.Size([2, 10])
@@ -46,7 +47,7 @@ class CifarResNet(nn.Module):
     feature_points = {"stem": "relu", "stage1": "layer1", "stage2": "layer2", "stage3": "layer3",
                       "penultimate": "fc"}
 
-    def __init__(self, depth, widths, in_channels=3, num_classes=10):
+    def __init__(self, depth, widths, in_channels=3, num_classes=10, zero_init_residual=False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"depth must be 6n + 2, got {depth}")
@@ -67,6 +68,8 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, BasicBlock) and zero_init_residual:
+                nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -90,8 +93,9 @@ RESNETS = {
 def _resnet_factory(name):
     depth, widths = RESNETS[name]
 
-    def make(in_channels=3, num_classes=10, width=1.0):
-        return CifarResNet(depth, [max(1, int(round(w * width))) for w in widths], in_channels, num_classes)
+    def make(in_channels=3, num_classes=10, width=1.0, zero_init_residual=False):
+        return CifarResNet(depth, [max(1, int(round(w * width))) for w in widths], in_channels, num_classes,
+                           bool(zero_init_residual))
 
     make.__name__ = name
     make.__doc__ = f"{name}: CIFAR ResNet, depth {depth}, widths {widths} scaled by `width`."
