@@ -60,7 +60,11 @@ def rebuild(spec):
     if spec.get("quant"):
         from .quant import QuantSpec, quantize_model
 
-        model = quantize_model(model, QuantSpec(**spec["quant"]))
+        quant = dict(spec["quant"])
+        input_shape = quant.pop("input_shape", None)
+        # Checkpoints from before the pt2e backend name none: they were eager.
+        quant.setdefault("backend", "eager")
+        model = quantize_model(model, QuantSpec(**quant), input_shape)
     return model
 
 

@@ -6,6 +6,14 @@ import sys
 
 from .errors import CompressError
 
+MAX_MESSAGE = 500   # characters of an error line; a name or value quoted in it may be huge
+
+
+def one_line(text):
+    """`text` on one line of at most MAX_MESSAGE characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 3] + "..."
+
 
 def _parser():
     p = argparse.ArgumentParser(prog="compress", description="Train, prune, distill, quantize and export "
@@ -76,7 +84,7 @@ def main(argv=None):
     except CompressError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # full disk, read-only or unwritable folder: the environment, not a bug
         if args.debug:
@@ -84,7 +92,7 @@ def main(argv=None):
         where = f"{e.filename}: " if e.filename else (
             f"writing under {args.workdir}: " if getattr(args, "workdir", None) else "")
         kept = "; completed stages are stored and will be reused" if args.command == "run" else ""
-        print(f"error: {where}{e.strerror or e}{kept}", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{e.strerror or e}{kept}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; completed stages are stored and will be reused", file=sys.stderr)

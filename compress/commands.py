@@ -28,6 +28,24 @@ def _onnx_file(path):
     return p
 
 
+def _dims(value_info):
+    dims = value_info.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+
+def onnx_io_shapes(path):
+    """(input shape, output shape) of an ONNX classifier; None for a free dimension."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types
+        raise CompressError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    if not proto.graph.input or not proto.graph.output:
+        raise CompressError(f"{path}: the graph has no input or no output")
+    return _dims(proto.graph.input[0]), _dims(proto.graph.output[0])
+
+
 def onnx_info(path):
     """(metadata_props dict, graph op types, input shape) of an ONNX file."""
     import onnx
@@ -38,9 +56,13 @@ def onnx_info(path):
         raise CompressError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     ops = list(dict.fromkeys(n.op_type for n in proto.graph.node))
-    dims = proto.graph.input[0].type.tensor_type.shape.dim if proto.graph.input else []
-    shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    shape = _dims(proto.graph.input[0]) if proto.graph.input else []
     return props, ops, shape
+
+
+def fixed_batch(shape):
+    """The batch size an input shape is frozen to, or None when the batch axis is free."""
+    return shape[0] if shape and shape[0] else None
 
 
 def _is_int8(props, ops):
@@ -52,11 +74,13 @@ def _find_report(path):
     rp = Path(path).parent / "report.json"
     if not rp.is_file():
         return None, None
+    from .report import parse_report
+
     try:
-        report = json.loads(rp.read_text())
-    except (OSError, ValueError):
+        report = parse_report(json.loads(rp.read_text()), rp)
+    except (OSError, ValueError, CompressError):
         return None, None
-    entry = next((e for e in report.get("exports", []) if e.get("path") == Path(path).name), None)
+    entry = next((e for e in report["exports"] if e["path"] == Path(path).name), None)
     return report, entry
 
 
@@ -93,11 +117,24 @@ def evaluate_onnx(path, data=None, root=None, test_subset=None):
     want = list(ds.input_shape)
     if len(shape) != 4 or any(s is not None and s != w for s, w in zip(shape[1:], want)):
         raise CompressError(f"{path}: input shape {shape} does not fit {name} images [N, {', '.join(map(str, want))}]")
+    _, out_shape = onnx_io_shapes(path)
+    if len(out_shape) == 2 and out_shape[1] and out_shape[1] != ds.num_classes:
+        raise CompressError(f"{path}: the model has {out_shape[1]} outputs but {name} has {ds.num_classes} "
+                            "classes; evaluate it on the dataset it was trained for (--data)")
     sess = ort_session(path)
     images = ds.test.x.cpu().float().div_(255).numpy()   # what the graph takes: [0, 1], NCHW
     labels = ds.test.y.cpu().numpy()
-    logits = ort_logits(sess, images)
-    n = max(logits.shape[1], ds.num_classes)
+    b = fixed_batch(shape)
+    if b:   # a graph frozen to batch b: run whole batches, the last padded with zeros
+        pad = (-len(images)) % b
+        padded = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]) if pad else images
+        logits = ort_logits(sess, padded, batch_size=b)[:len(images)]
+    else:
+        logits = ort_logits(sess, images)
+    if logits.ndim != 2 or logits.shape[1] != ds.num_classes:
+        raise CompressError(f"{path}: the model outputs shape {list(logits.shape)} but {name} has "
+                            f"{ds.num_classes} classes; evaluate it on the dataset it was trained for (--data)")
+    n = ds.num_classes
     pred = logits.argmax(1)
     cm = np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)
     classes = list(ds.classes)
@@ -167,10 +204,47 @@ def bench(path, batches=(1, 64), threads=None, runs=50):
     return out
 
 
+MAX_BENCH_BATCH = 65536
+MAX_BENCH_BYTES = 1 << 30    # one batch of float32 input at most 1 GiB
+
+
+def _check_bench_input(path, shape, batches):
+    """Refuse batches the file cannot take (a frozen batch axis) or that would not fit in memory."""
+    if len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        raise CompressError(f"{path}: input shape {shape} is not fixed beyond the batch axis")
+    b = fixed_batch(shape)
+    wrong = [x for x in batches if b and x != b]
+    if wrong:
+        raise CompressError(f"--batch {wrong[0]}: {path} takes batches of exactly {b} (its batch axis is "
+                            f"fixed); use --batch {b}, or export with a dynamic batch axis")
+    per_image = 4
+    for d in shape[1:]:
+        per_image *= d
+    big = [x for x in batches if x * per_image > MAX_BENCH_BYTES]
+    if big:
+        raise CompressError(f"--batch {big[0]}: {big[0]} images of {shape[1:]} need "
+                            f"{big[0] * per_image / 2**30:.1f} GiB of input; at most "
+                            f"{MAX_BENCH_BYTES // per_image} for this model")
+
+
+def _check_twin(path, twin):
+    """Refuse a 'twin' that is not the same task: other input shape, class count or dataset."""
+    (pi, po), (ti, to) = onnx_io_shapes(path), onnx_io_shapes(twin)
+    if pi[1:] != ti[1:] or po[1:] != to[1:]:
+        raise CompressError(f"--compare {twin}: input {ti} / output {to} differ from {path}'s input {pi} / "
+                            f"output {po}; compare two models of the same task")
+    d1, d2 = onnx_info(path)[0].get("dataset"), onnx_info(twin)[0].get("dataset")
+    if d1 and d2 and d1 != d2:
+        raise CompressError(f"--compare {twin}: a {d2} model, but {path} is a {d1} model; compare two "
+                            "models of the same task")
+
+
 def _twin_for(path, compare):
     """(FP32 twin path, how it was found) or (None, why not)."""
     if compare:
-        return _onnx_file(compare), "--compare"
+        twin = _onnx_file(compare)
+        _check_twin(path, twin)
+        return twin, "--compare"
     report, entry = _find_report(path)
     if entry is None:
         return None, "no report.json entry next to the file; pass --compare FP32.onnx"
@@ -189,18 +263,23 @@ def cmd_bench(args):
     from .onnx_io import int8_kernels
 
     path = _onnx_file(args.model)
-    bad = [b for b in args.batch if b < 1]
+    bad = [b for b in args.batch if not 1 <= b <= MAX_BENCH_BATCH]
     if bad:
-        raise CompressError(f"--batch: must be >= 1, got {bad[0]}")
-    if args.threads is not None and args.threads < 1:
-        raise CompressError(f"--threads: must be >= 1, got {args.threads}")
-    if args.runs < 1:
-        raise CompressError(f"--runs: must be >= 1, got {args.runs}")
-    props, ops, _ = onnx_info(path)
+        raise CompressError(f"--batch: must be >= 1 and <= {MAX_BENCH_BATCH}, got {bad[0]}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise CompressError(f"--threads: must be >= 1 and <= 1024, got {args.threads}")
+    if not 1 <= args.runs <= 100_000:
+        raise CompressError(f"--runs: must be >= 1 and <= 100000, got {args.runs}")
+    props, ops, shape = onnx_info(path)
+    _check_bench_input(path, shape, args.batch)
     int8 = _is_int8(props, ops)
     threads = args.threads or f"default ({os.cpu_count()} cores)"
     print(f"{path.name}: {path.stat().st_size / 1024:.1f} KB, {'INT8' if int8 else 'FP32'}; "
           f"onnxruntime {ort.__version__}, CPU, threads {threads}, median of {args.runs} runs")
+    # the other file is checked before anything is timed: a bad one costs no measuring
+    twin, how = _twin_for(path, args.compare) if (int8 or args.compare) else (None, "")
+    if twin is not None:
+        _check_bench_input(twin, onnx_info(twin)[2], args.batch)
     res = bench(path, args.batch, args.threads, args.runs)
     print(f"  {'batch':>5}  {'median (ms)':>11}  {'p90 (ms)':>9}  {'images/s':>10}")
     for b, r in res.items():
@@ -219,7 +298,6 @@ def cmd_bench(args):
         else:
             print("integer kernels after graph optimisation: no — onnxruntime runs "
                   f"{', '.join(k for k in kernels if k in QDQ_OPS + FLOAT_HEAVY) or 'float ops'} instead")
-    twin, how = _twin_for(path, args.compare) if (int8 or args.compare) else (None, "")
     if twin is not None:
         ref = bench(twin, args.batch, args.threads, args.runs)
         label = "its FP32 twin" if int8 else "the other file"
@@ -249,14 +327,14 @@ def _report_path(p):
 
 def load_report(p):
     """A report.json as a dict, checked to look like one."""
+    from .report import parse_report
+
     p = _report_path(p)
     try:
         report = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise CompressError(f"{p}: not readable JSON ({e})") from None
-    if not isinstance(report, dict) or not {"recipe", "stages", "exports"} <= set(report):
-        raise CompressError(f"{p}: not a compress report.json (needs recipe, stages, exports)")
-    return report
+    except (OSError, ValueError, RecursionError) as e:
+        raise CompressError(f"{p}: not readable JSON ({str(e)[:120]})") from None
+    return parse_report(report, p)
 
 
 def run_labels(paths, reports):

@@ -7,25 +7,33 @@ the field, e.g. ``stages[1].ratio: must be < 1, got 1.5``.
 import copy
 import difflib
 import hashlib
+import inspect
 import json
 import re
+from dataclasses import dataclass
 from types import UnionType
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import CompressError, did_you_mean, unknown
 from .storage import name_problem
+from .yamlio import MAX_BYTES, load_yaml
+
+# Upper bounds far above any real use; past them a value is a typo (1e23 epochs) or would
+# overflow a C integer deep inside torch (seed 99999999999999999999999).
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1 << 16
+MAX_SEED = 2**32 - 1
 
 
 class Spec(BaseModel):
     """Base of every config object: unknown keys refused, immutable after parsing."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True,
-                              protected_namespaces=())
+                              protected_namespaces=(), allow_inf_nan=False)   # .inf/.nan: refused
 
 
 # ---- error formatting ----------------------------------------------------------------
@@ -103,6 +111,8 @@ def _message(err, cls_fields):
 
     if t == "value_error":
         return msg.removeprefix("Value error, ")
+    if t == "finite_number":
+        return f"must be a finite number, got {_short(inp)}"
     return f"{msg[0].lower() + msg[1:]}, got {_short(inp)}"
 
 
@@ -161,8 +171,8 @@ class AugmentSpec(Spec):
 class TrainingSpec(Spec):
     """What every stage that runs the training loop shares (train, distill, qat)."""
 
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(256, ge=1)
+    epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup: float = Field(0.25, ge=0, lt=1, description="OneCycle warm-up fraction")
@@ -172,8 +182,77 @@ class TrainingSpec(Spec):
                                  "global batch (SyncBatchNorm); no effect in one process")
 
 
+@dataclass(frozen=True)
+class StageRef:
+    """Marks a stage-config field whose value names an earlier stage whose model the stage
+    reads. The pipeline finds a stage's inputs through these markers (never by field name):
+    it checks that they exist and come earlier, hashes their results into the stage's cache
+    key, and refuses a quantized model where `float_model` is set.
+
+    `role`: "input" (the model this stage transforms: its lineage), "teacher", "member".
+
+    >>> source: Annotated[str, StageRef("input", float_model=True)]
+    """
+
+    role: str = "input"
+    float_model: bool = False
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Marks a field whose value names an entry of the recipe's `models` section."""
+
+
+def stage_ref(role="input", float_model=False):
+    """The annotation of a field naming one earlier stage, e.g. ``from_: stage_ref()``."""
+    return Annotated[str, StageRef(role, float_model)]
+
+
+MODEL_REF = Annotated[str, ModelRef()]
+
+
+def _fits(value, ann):
+    while get_origin(ann) is Annotated:
+        ann = get_args(ann)[0]
+    if ann is type(None):
+        return value is None
+    if get_origin(ann) is list:
+        return isinstance(value, list)
+    if isinstance(ann, type):
+        return isinstance(value, ann)
+    return False
+
+
+def _collect_refs(value, ann, meta, path, out):
+    """Append (path, marker, name) for every StageRef/ModelRef-marked string in `value`."""
+    marks = [m for m in meta if isinstance(m, (StageRef, ModelRef))]
+    if marks and isinstance(value, str):
+        out.append((path, marks[0], value))
+        return
+    origin = get_origin(ann)
+    if origin is Annotated:
+        base, *more = get_args(ann)
+        _collect_refs(value, base, [*meta, *more], path, out)
+    elif origin in (Union, UnionType):
+        for a in get_args(ann):
+            if _fits(value, a):
+                _collect_refs(value, a, meta, path, out)
+                return
+    elif origin is list and isinstance(value, list):
+        item = (get_args(ann) or (Any,))[0]
+        for i, v in enumerate(value):
+            _collect_refs(v, item, meta, f"{path}[{i}]", out)
+    elif isinstance(value, BaseModel):
+        for name, f in type(value).model_fields.items():
+            key = f.alias or name
+            _collect_refs(getattr(value, name), f.annotation, f.metadata, f"{path}.{key}" if path else key, out)
+
+
 class StageSpec(Spec):
-    """Base of stage configs. Subclasses add their own fields (one file per stage kind)."""
+    """Base of stage configs. Subclasses add their own fields (one file per stage kind);
+    fields naming other stages are typed with :class:`StageRef` (``stage_ref()``), fields
+    naming `models` entries with :data:`MODEL_REF`.
+"""
 
     name: str = Field(description="names runs/<recipe>/stages/<name>/: a safe path component")
     kind: str
@@ -185,24 +264,22 @@ class StageSpec(Spec):
             raise ValueError(why)
         return v
 
-    def stage_refs(self):
-        """[(field, stage name)] this stage reads results from; checked to exist earlier."""
-        refs = []
-        for f in ("from_", "teacher"):
-            v = getattr(self, f, None)
-            if isinstance(v, str):
-                refs.append((f, v))
-            elif isinstance(v, list):
-                refs += [(f"{f}[{i}]", n) for i, n in enumerate(v)]
-        return refs
+    def refs(self):
+        """[(field path, StageRef or ModelRef, name)] declared by this stage's field types."""
+        out = []
+        _collect_refs(self, type(self), [], "", out)
+        return out
+
+    def stage_refs(self, role=None):
+        """[(field path, stage name)] this stage reads results from (of one `role`, or all)."""
+        return [(p, n) for p, m, n in self.refs() if isinstance(m, StageRef) and role in (None, m.role)]
 
     def model_refs(self):
-        """[(field, models entry)] this stage builds from the recipe's `models` section."""
-        m = getattr(self, "model", None)
-        return [("model", m)] if isinstance(m, str) else []
+        """[(field path, models entry)] this stage builds from the recipe's `models` section."""
+        return [(p, n) for p, m, n in self.refs() if isinstance(m, ModelRef)]
 
 
-TeacherRef = Union[str, Annotated[list[str], Field(min_length=1)]]
+TeacherRef = Union[stage_ref("teacher"), Annotated[list[stage_ref("teacher")], Field(min_length=1)]]
 
 
 def check_teacher_weights(teacher, weights):
@@ -217,11 +294,11 @@ def check_teacher_weights(teacher, weights):
 
 class DataSpec(Spec):
     name: str = "fashion_mnist"
-    root: Optional[str] = None
+    root: Optional[str] = Field(None, description="where the data is; when set, the only place looked")
     download: Optional[bool] = Field(None, description="None: the dataset's own default")
     train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training images")
     test_subset: Optional[int] = Field(None, ge=1, description="use only the first N test images")
-    eval_batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(1024, ge=1, le=MAX_BATCH)
 
 
 class ModelDef(Spec):
@@ -238,7 +315,7 @@ class CompareSpec(Spec):
 
 class Recipe(Spec):
     name: str = Field(description="names runs/<name>/ and exports/<name>/: a safe path component")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataSpec = DataSpec()
     models: dict[str, ModelDef] = {}
     stages: list[Any]
@@ -255,8 +332,9 @@ class Recipe(Spec):
         return next(s for s in self.stages if s.name == name)
 
     def stage_key(self, index, upstream_keys):
-        """Content hash of a stage: its config, the data, the seed, the model defs it builds
-        and the keys of the stages it reads. Unchanged key -> stored result is reused."""
+        """Content hash of a stage: its config, the data, the seed, the model defs it builds,
+        the keys of the stages it reads and the code that computes it
+        (:func:`code_fingerprint`). Unchanged key -> stored result is reused."""
         s = self.stages[index]
         payload = {
             "stage": s.model_dump(mode="json", by_alias=True),
@@ -264,18 +342,73 @@ class Recipe(Spec):
             "seed": self.seed,
             "models": {m: self.models[m].model_dump(mode="json") for _, m in s.model_refs()},
             "inputs": upstream_keys,
-            "format": 1,
+            "code": code_fingerprint(self, s),
+            "format": 2,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _source_file(obj):
+    try:
+        return inspect.getsourcefile(obj)
+    except TypeError:   # built-in: no source of its own
+        return None
+
+
+def code_files(recipe, stage):
+    """The source files whose code computes `stage`: its stage kind's file, the files of its
+    loss terms and of the models it builds (wherever they are defined: in the package or in
+    a --plugin file)."""
+    from .losses import LOSSES, TermSpec
+    from .models import MODELS
+    from .stages import STAGES
+
+    kind = STAGES[stage.kind]
+    objs = [kind.run, kind.spec]
+    terms = [v for v in stage.__dict__.values() if isinstance(v, TermSpec)]
+    terms += [t for v in stage.__dict__.values() if isinstance(v, list) for t in v if isinstance(t, TermSpec)]
+    for t in terms:
+        if t.term in LOSSES:
+            objs += [LOSSES[t.term], LOSSES[t.term].spec_cls]
+    for _, m in stage.model_refs():
+        if m in recipe.models and recipe.models[m].arch in MODELS:
+            objs.append(MODELS[recipe.models[m].arch])
+    files = {f for f in map(_source_file, objs) if f}
+    return sorted(files)
+
+
+def code_fingerprint(recipe, stage):
+    """{"version": package version, "files": {file name: SHA-256}} of the code computing `stage`
+    (:func:`code_files`): editing a loss term, stage kind, model or plugin file recomputes
+    the stages that use it, and only those (and the stages that read their results)."""
+    from . import __version__
+
+    package = Path(__file__).resolve().parent
+    digests = {}
+    for f in code_files(recipe, stage):
+        try:
+            with open(f, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+        except OSError:
+            digest = "unreadable"
+        p = Path(f).resolve()
+        # named independently of where the package or plugin lives: a moved checkout reuses
+        name = f"compress/{p.relative_to(package).as_posix()}" if package in p.parents else f"plugin:{p.name}"
+        digests[name] = digest
+    return {"version": __version__, "files": digests}
+
+
 # ---- loading -------------------------------------------------------------------------------
 
-def _parse_value(text):
+def parse_value(text, path):
+    """A --set VALUE, read as YAML 1.2 like a recipe (``1e-3`` is a float); text that is not
+    a valid YAML value stays a string."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return load_yaml(text, f"--set {path}")
+    except CompressError as e:
+        if "YAML syntax error" in str(e):
+            return text
+        raise
 
 
 def apply_override(raw, assignment):
@@ -289,7 +422,7 @@ def apply_override(raw, assignment):
     keys = [k for k in path.strip().split(".")]
     if not all(keys):
         raise CompressError(f"--set {assignment}: empty path element")
-    _assign(raw, keys, _parse_value(value), "", path.strip())
+    _assign(raw, keys, parse_value(value, path.strip()), "", path.strip())
     return raw
 
 
@@ -346,24 +479,56 @@ def load_recipe(path, overrides=()):
     if not p.is_file():
         raise CompressError(f"recipe file '{path}' {'is a directory' if p.is_dir() else 'does not exist'}")
     try:
+        size = p.stat().st_size
+        if size > MAX_BYTES:   # checked before reading: a 50 MB file costs nothing
+            raise CompressError(f"{path}: {size} bytes; a recipe may have at most {MAX_BYTES}")
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise CompressError(f"{path}: cannot read recipe ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise CompressError(f"{path}: YAML syntax error{where}: {problem}") from None
-    except RecursionError:
-        raise CompressError(f"{path}: YAML nested too deeply to be a recipe") from None
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise CompressError(f"{path}: a recipe must be a mapping with name, data, models, stages")
     raw = copy.deepcopy(raw)
     for o in overrides:
         apply_override(raw, o)
     return parse_recipe(raw)
+
+
+def _term_fields(cls):
+    """Names (and aliases) of the fields of a stage config holding lists of loss terms."""
+    from .losses import TERM_LIST
+
+    def holds_terms(ann):
+        args = get_args(ann) if get_origin(ann) is list else ()
+        return bool(args) and TERM_LIST in getattr(args[0], "__metadata__", ())
+
+    return [f.alias or n for n, f in cls.model_fields.items() if holds_terms(f.annotation)]
+
+
+def _parse_terms(cls, s, where):
+    """`s` with each loss term parsed by the registry's class for its `term`, read now (not
+    when a stage module was imported), so terms a plugin registers at any time are known."""
+    from .losses import LOSSES
+
+    s = dict(s)
+    for key in _term_fields(cls):
+        items = s.get(key)
+        if not isinstance(items, list):
+            continue
+        parsed = []
+        for j, t in enumerate(items):
+            at = f"{where}.{key}[{j}]"
+            if not isinstance(t, dict):
+                raise CompressError(f"{at}: must be a mapping with term and its fields, got {_short(t)}")
+            if "term" not in t:
+                typo = difflib.get_close_matches("term", [str(k) for k in t], n=1, cutoff=0.6)
+                hint = f" ('{typo[0]}' is no key: did you mean 'term'?)" if typo else ""
+                raise CompressError(f"{at}.term: required key is missing{hint}; valid: {', '.join(sorted(LOSSES))}")
+            if not isinstance(t["term"], str) or t["term"] not in LOSSES:
+                raise CompressError(f"{at}.term: {unknown('loss term', t['term'], LOSSES)}")
+            parsed.append(parse(LOSSES[t["term"]].spec_cls, t, at))
+        s[key] = parsed
+    return s
 
 
 def parse_recipe(raw):
@@ -377,7 +542,7 @@ def parse_recipe(raw):
     recipe = parse(Recipe, {**raw, "stages": []}, "")  # first: a misspelt `stages` is an unknown key
     if not isinstance(stages_raw, list) or not stages_raw:
         raise CompressError("stages: must be a non-empty list of {name, kind, ...}")
-    stages, seen = [], {}
+    stages, seen, quantized = [], {}, {}
     for i, s in enumerate(stages_raw):
         where = f"stages[{i}]"
         if not isinstance(s, dict):
@@ -388,23 +553,30 @@ def parse_recipe(raw):
             raise CompressError(f"{where}.kind: required key is missing{hint}; valid: {', '.join(sorted(STAGES))}")
         if not isinstance(s["kind"], str) or s["kind"] not in STAGES:
             raise CompressError(f"{where}.kind: {unknown('stage kind', s['kind'], STAGES)}")
-        spec = parse(STAGES[s["kind"]].spec, s, where)
+        kind = STAGES[s["kind"]]
+        spec = parse(kind.spec, _parse_terms(kind.spec, s, where), where)
         if spec.name in seen:
             raise CompressError(f"{where}.name: duplicate stage name '{spec.name}' (also stages[{seen[spec.name]}])")
-        for field, ref in spec.stage_refs():
-            field_name = field.replace("from_", "from")
+        q = kind.quantizes
+        for field, mark, ref in spec.refs():
+            if isinstance(mark, ModelRef):
+                if ref not in recipe.models:
+                    raise CompressError(f"{where}.{field}: {unknown('models entry', ref, recipe.models)}")
+                continue
             if ref not in seen:
                 later = any(isinstance(x, dict) and x.get("name") == ref for x in stages_raw[i:])
                 why = "comes later" if later else "does not exist"
-                raise CompressError(f"{where}.{field_name}: stage '{ref}' {why}; earlier stages: "
+                raise CompressError(f"{where}.{field}: stage '{ref}' {why}; earlier stages: "
                                     f"{', '.join(seen) or 'none'}")
-            if not STAGES[stages[seen[ref]].kind].makes_model:
-                raise CompressError(f"{where}.{field_name}: stage '{ref}' ({stages[seen[ref]].kind}) "
-                                    "produces no model")
-        for field, ref in spec.model_refs():
-            if ref not in recipe.models:
-                raise CompressError(f"{where}.{field}: {unknown('models entry', ref, recipe.models)}")
+            src = stages[seen[ref]]
+            if not STAGES[src.kind].makes_model:
+                raise CompressError(f"{where}.{field}: stage '{ref}' ({src.kind}) produces no model")
+            if mark.float_model and quantized[ref]:
+                raise CompressError(f"{where}.{field}: stage '{ref}' ({src.kind}) holds a quantized model; "
+                                    f"a {spec.kind} stage needs a float model (one from before quantization)")
+            q = q or (quantized[ref] and mark.role in ("input", "member"))
         seen[spec.name] = i
+        quantized[spec.name] = q
         stages.append(spec)
     if recipe.compare is not None:
         refs = [("compare.baseline", recipe.compare.baseline)]

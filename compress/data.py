@@ -197,10 +197,29 @@ def _check_labels(name, source, splits, num_classes):
 
 @DATASETS.register("fashion_mnist")
 def fashion_mnist(root=None, download=None):
-    """Fashion-MNIST (Xiao et al. 2017), 28x28 grey, 10 classes. Looks in `root`, then
-    $COMPRESS_DATA, then Debian's dataset-fashion-mnist, then tries a torchvision download."""
+    """Fashion-MNIST (Xiao et al. 2017), 28x28 grey, 10 classes. An explicit `root` is the
+    only place looked (then downloaded into with `download: true`); without one: $COMPRESS_DATA,
+    then Debian's dataset-fashion-mnist, then a torchvision download."""
+    if root is not None:
+        files = _find_idx_files(root)
+        if files is None and download:
+            try:
+                import torchvision
+
+                torchvision.datasets.FashionMNIST(root, train=True, download=True)
+                torchvision.datasets.FashionMNIST(root, train=False, download=True)
+            except Exception as e:  # noqa: BLE001 - any download failure becomes one line
+                raise CompressError(f"fashion_mnist: download to data.root {root} failed "
+                                    f"({type(e).__name__})") from None
+            files = _find_idx_files(root)
+        if files is None:
+            raise CompressError(f"fashion_mnist: data.root {root}{_what_lacks(root) or ' (lacks the four IDX files)'}; "
+                                "an explicit root is the only place looked (set data.download: true to "
+                                "fetch the files there)")
+        arrays = {k: _read_idx(p, 3 if k.endswith("x") else 1) for k, p in files.items()}
+        return _fmnist_from_arrays(arrays, str(Path(files["train_x"]).parent))
     tried = []
-    candidates = [("root", root), ("$COMPRESS_DATA", os.environ.get("COMPRESS_DATA")),
+    candidates = [("$COMPRESS_DATA", os.environ.get("COMPRESS_DATA")),
                   ("Debian dataset-fashion-mnist", DEBIAN_FASHION_MNIST)]
     for label, d in candidates:
         if not d:
@@ -211,7 +230,7 @@ def fashion_mnist(root=None, download=None):
             return _fmnist_from_arrays(arrays, str(Path(files["train_x"]).parent))
         tried.append(f"{label} {d}{_what_lacks(d)}")
     if download is not False:
-        target = root or os.environ.get("COMPRESS_DATA") or str(Path.home() / ".cache" / "compress")
+        target = os.environ.get("COMPRESS_DATA") or str(Path.home() / ".cache" / "compress")
         try:
             import torchvision
 

@@ -12,6 +12,15 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import Split, iterate, num_batches
+from .errors import CompressError
+
+
+class NonFiniteLoss(CompressError):
+    """Training produced a NaN or infinite loss; `desc` is the epoch's "<stage> e/E" label."""
+
+    def __init__(self, desc, steps):
+        self.desc, self.steps = desc, steps
+        super().__init__(f"{desc}: the loss became NaN or infinite within the first {steps} steps")
 
 
 @dataclass
@@ -88,12 +97,15 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`.
 
     Metrics accumulate on the device and are read once at the end (no per-step sync,
-    except a progress-bar refresh every 50 steps). Returns {"loss/<term>": mean, "train_top1": %,
-    "lr": the learning rate of the last step, "steps": optimizer steps taken}.
+    except a progress-bar refresh and a finiteness check every 50 steps). Returns
+    {"loss/<term>": mean, "train_top1": %, "lr": the learning rate of the last step,
+    "steps": optimizer steps taken}. A NaN or infinite loss raises :class:`NonFiniteLoss`
+    at the next check (within 50 steps, or at the epoch's end).
     """
     model.train()
     objective.train()
     sums, correct, seen = {}, torch.zeros((), device=ctx.device), 0
+    finite = torch.ones((), dtype=torch.bool, device=ctx.device)   # all losses so far finite
     bar = tqdm(total=steps * batch_size, desc=desc, unit="img", unit_scale=True, leave=False,
                disable=None if distributed.is_main() else True, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -107,15 +119,22 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
         optimizer.step()
         scheduler.step()
         n_steps += 1
+        finite &= torch.isfinite(loss.detach())
         for k, v in parts.items():
             sums[k] = sums.get(k, 0) + v.detach().float() * len(batch.y)
         correct += (logits.detach().argmax(1) == batch.y).sum()
         seen += len(batch.y)
         bar.update(len(batch.y))
+        # one sync per 50 steps stops a diverged run early; under DDP every rank stops together
+        if step % 50 == 49 and not distributed.all_agree(finite):
+            bar.close()
+            raise NonFiniteLoss(desc, n_steps)
         if step % 50 == 49 and not bar.disable:
             bar.set_postfix(loss=f"{float(sum(sums.values())) / seen:.3f}",
                             lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
     bar.close()
+    if not distributed.all_agree(finite):
+        raise NonFiniteLoss(desc, n_steps)
     if distributed.active():   # metrics of the global batch, not of this rank's shard (one all-reduce)
         vals = distributed.all_sum([*sums.values(), correct, torch.tensor(float(seen), device=ctx.device)])
         sums, correct, seen = dict(zip(sums, vals)), vals[-2], int(vals[-1])

@@ -18,4 +18,5 @@ def did_you_mean(name, valid):
 def unknown(what, name, valid):
     """Message for a name that is not one of `valid`."""
     valid = sorted(str(v) for v in valid)
-    return f"unknown {what} '{name}'{did_you_mean(name, valid)}; valid: {', '.join(valid)}"
+    shown = str(name) if len(str(name)) <= 60 else str(name)[:57] + "..."
+    return f"unknown {what} '{shown}'{did_you_mean(name, valid)}; valid: {', '.join(valid)}"

@@ -216,12 +216,13 @@ def ort_latency_ms(path, batch: int, *, warmup: int = 5, runs: int = 30,
     return {"median": float(np.median(times)), "p90": float(np.percentile(times, 90))}
 
 
-def int8_kernels(path) -> list[str]:
-    """Op types onnxruntime runs after graph optimization, in graph order, each once
-    (e.g. QLinearConv where the QDQ pattern was fused into an integer kernel).
+def ort_op_counts(path) -> dict[str, int]:
+    """{op type: count} of the graph onnxruntime runs after all graph optimizations (the
+    model it writes to ``SessionOptions.optimized_model_filepath``), in graph order: e.g.
+    ``QLinearConv`` where a DequantizeLinear -> Conv -> QuantizeLinear group was fused.
 
-    >>> "QLinearConv" in int8_kernels("student_int8.onnx")  # doctest: +SKIP
-    True
+    >>> ort_op_counts("student_int8.onnx")["QLinearConv"]  # doctest: +SKIP
+    21
     """
     with tempfile.TemporaryDirectory() as tmp:
         so = _session_options(None)
@@ -231,7 +232,45 @@ def int8_kernels(path) -> list[str]:
         except Exception as e:
             raise CompressError(f"onnxruntime cannot load {path}: {_one_line(e)}") from e
         graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
-    return list(dict.fromkeys(node.op_type for node in graph.node))
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def int8_kernels(path) -> list[str]:
+    """Op types onnxruntime runs after graph optimization, in graph order, each once
+    (e.g. QLinearConv where the QDQ pattern was fused into an integer kernel).
+
+    >>> "QLinearConv" in int8_kernels("student_int8.onnx")  # doctest: +SKIP
+    True
+    """
+    return list(ort_op_counts(path))
+
+
+# Integer convolutions onnxruntime runs; any other op type naming a convolution (Conv,
+# FusedConv, NchwcConv after its layout pass) computes in float.
+_INT_CONVS = ("QLinearConv", "ConvInteger")
+
+
+def check_int8_kernels(path) -> dict[str, int]:
+    """Check that onnxruntime's optimized graph of an INT8 file runs every convolution as
+    an integer kernel (``QLinearConv``/``ConvInteger``); returns the counts of the integer
+    ops (``QLinearConv``, ``QLinearAdd``, ``QGemm``, ...) and of float ``Add``s, which a
+    residual network should not have. Raises CompressError naming the float ops left.
+
+    >>> check_int8_kernels("resnet_int8.onnx")  # doctest: +SKIP
+    {'QLinearConv': 21, 'QLinearAdd': 9, 'QGemm': 1, 'Add': 0}
+    """
+    counts = ort_op_counts(path)
+    float_convs = {op: n for op, n in counts.items() if "Conv" in op and op not in _INT_CONVS}
+    if float_convs:
+        raise CompressError(f"{path}: onnxruntime runs {sum(float_convs.values())} convolution(s) in float "
+                            f"({', '.join(f'{op} x{n}' for op, n in float_convs.items())}); the QDQ graph "
+                            "was not fused into integer kernels")
+    out = {op: n for op, n in counts.items() if op.startswith("QLinear") or op in ("QGemm", "ConvInteger")}
+    out["Add"] = counts.get("Add", 0)
+    return out
 
 
 def _normalization(path) -> tuple[list[float], list[float]]:

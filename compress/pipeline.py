@@ -1,10 +1,13 @@
 """Walks a recipe's stages in order, reusing each stored stage whose content hash (config +
 inputs) is unchanged, and writes the report. Nothing else decides the order."""
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import time
 import zlib
 from pathlib import Path
@@ -15,14 +18,14 @@ from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
 from .config import TrainingSpec
 from .data import load_data
-from .engine import RunContext
+from .engine import NonFiniteLoss, RunContext
 from .errors import CompressError
 from .hooks import resolve
 from .losses import LOSSES
 from .models import Ensemble
 from .plots import render_run
-from .report import write_report
-from .stages import STAGES, SkeletonBuilder, StageResult, prepare
+from .report import Report, StageRow, write_report
+from .stages import STAGES, PlanBuilder, StageResult, prepare
 from .storage import Storage
 from .tracking import Tracker
 
@@ -80,7 +83,29 @@ def _lookup(stage, key, run_dir, ctx, workdir):
                        loader=loader if meta.get("spec") else None)
 
 
+def _diverged(stage, epoch, what):
+    """The one line for a stage whose training went non-finite: where, and the likely cause."""
+    opt = getattr(stage, "optimizer", None)
+    cause = (f"optimizer.lr ({opt.lr:g}) or optimizer.weight_decay ({opt.weight_decay:g}) is likely too "
+             "high; lower it" if opt is not None else "the inputs or the loss weights are likely at fault")
+    return CompressError(f"stages.{stage.name} ({stage.kind}): {what}{epoch}; {cause}. Nothing was stored "
+                         "for this stage")
+
+
+def _check_finite(stage, result):
+    """Refuse to store a model with a NaN/inf weight, buffer or metric (a diverged run)."""
+    model = result.model
+    if model is not None:
+        for name, t in [*model.state_dict().items()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise _diverged(stage, "", f"'{name}' holds NaN or infinite values after training")
+    bad = [k for k, v in result.metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise _diverged(stage, "", f"metric {bad[0]} is NaN or infinite")
+
+
 def _store(stage, key, result, storage, workdir):
+    _check_finite(stage, result)   # nothing non-finite is ever stored (or, later, exported)
     d = storage.owned(_stage_dir(storage.run_dir, stage.name))
     d.mkdir(parents=True, exist_ok=True)
     files = list(result.files)
@@ -128,16 +153,31 @@ def run_recipe(recipe, *, workdir=".", device="auto", fresh=False):
     """
     t_start = time.perf_counter()
     dev = distributed.init(resolve_device(device))   # torchrun: joins the group, cuda:LOCAL_RANK
+    storage = Storage(Path(workdir), recipe.name)   # the only folders this run deletes or overwrites in
+    data = load_data(recipe.data)
+    validate_recipe(recipe, data)   # every check before anything is written or trained
+    distributed.check_recipe(recipe, dev)
+    # One run of a recipe per workdir at a time; under torchrun rank 0 holds the lock for all.
+    with contextlib.ExitStack() as held:
+        refused = None
+        if distributed.is_main():
+            try:
+                held.enter_context(storage.lock())
+            except CompressError as e:
+                refused = e
+        if not distributed.all_agree(refused is None):
+            raise refused or CompressError(f"{storage.run_dir}: another run of this recipe is in progress "
+                                           "(rank 0 could not take its lock)")
+        return _run(recipe, storage, dev, fresh, data, t_start)
+
+
+def _run(recipe, storage, dev, fresh, data, t_start):
     main = distributed.is_main()
-    workdir = Path(workdir)
-    storage = Storage(workdir, recipe.name)   # the only folders this run deletes or overwrites in
+    workdir = storage.workdir
     run_dir, export_dir = storage.run_dir, storage.export_dir
     if main:
         for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
             storage.remove(tmp)  # half-written by a killed run; never read, only renamed
-    data = load_data(recipe.data)
-    validate_recipe(recipe, data)
-    distributed.check_recipe(recipe, dev)
     data = data.to(dev)
     distributed.barrier()   # rank 0 has cleaned up before any rank reads stored results
     ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,
@@ -185,7 +225,12 @@ def _run_stage(stage, key, ctx, storage, workdir):
     t0 = time.perf_counter()
     if ctx.logger:
         ctx.logger.begin_stage(stage.name)
-    result = STAGES[stage.kind].run(stage, ctx)
+    try:
+        result = STAGES[stage.kind].run(stage, ctx)
+    except NonFiniteLoss as e:
+        m = re.search(r"(\d+)/(\d+)$", e.desc)
+        epoch = f" in epoch {m.group(1)} of {m.group(2)}" if m else ""
+        raise _diverged(stage, epoch, f"the loss became NaN or infinite (step {e.steps})") from e
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     result.seconds = round(time.perf_counter() - t0, 2)
@@ -200,18 +245,13 @@ def build_report(recipe, ctx, wall):
     for s in recipe.stages:
         r = ctx.results[s.name]
         m = r.metrics
-        row = {"name": s.name, "kind": s.kind, "top1": m.get("top1"), "params": m.get("params"),
-               "macs": m.get("macs"), "seconds": r.seconds, "reused": r.reused}
-        for k in ("params_before", "macs_before"):
-            if k in m:
-                row[k] = m[k]
-        if "ratio" in r.info:
-            row["prune_ratio"] = r.info["ratio"]
-        if "members" in r.info:
-            row["members"] = r.info["members"]
-        stages.append(row)
+        row = StageRow(name=s.name, kind=s.kind, top1=m.get("top1"), params=m.get("params"),
+                       macs=m.get("macs"), seconds=float(r.seconds), reused=r.reused,
+                       params_before=m.get("params_before"), macs_before=m.get("macs_before"),
+                       prune_ratio=r.info.get("ratio"), members=r.info.get("members", []))
+        stages.append(row.model_dump(mode="json", exclude_none=True))
         exports += r.info.get("exports", [])
-    return {
+    report = {
         "recipe": recipe.name,
         "data": {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
                  "train_images": len(data.train), "test_images": len(data.test)},
@@ -221,12 +261,13 @@ def build_report(recipe, ctx, wall):
         "wall_seconds": round(wall, 2),
         "reference": _reference(recipe),
         "comparison": _comparison(recipe, stages),
-        "lineage": {s.name: getattr(s, "from_", None) for s in recipe.stages},
+        "lineage": {s.name: next((r for _, r in s.stage_refs("input")), None) for s in recipe.stages},
         "environment": {"device": str(ctx.device), "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "processes": distributed.world_size()},
     }
+    return Report.model_validate(report).model_dump(mode="json")   # the schema `report` reads back
 
 
 def _comparison(recipe, rows):
@@ -249,8 +290,8 @@ def _comparison(recipe, rows):
 def _reference(recipe):
     """The teacher: the first stage some distill/qat stage learns from, else the first stage."""
     for s in recipe.stages:
-        if getattr(s, "teacher", None):
-            return s.teacher
+        for _, ref in s.stage_refs("teacher"):
+            return ref
     return recipe.stages[0].name
 
 
@@ -262,7 +303,7 @@ def validate_recipe(recipe, data=None):
     data = data if data is not None else load_data(recipe.data)
     shape, ncls = data.input_shape, data.num_classes
 
-    build = SkeletonBuilder(recipe, shape, ncls)
+    build = PlanBuilder(recipe, tuple(shape), ncls)
     skeletons, lines = {}, []
     for i, s in enumerate(recipe.stages):
         try:
@@ -273,10 +314,15 @@ def validate_recipe(recipe, data=None):
             raise CompressError(msg if named else f"stages.{s.name}: {msg}") from None
         if skel is not None:
             skeletons[s.name] = skel
-        t_ref = getattr(s, "teacher", None)
-        t_skel = (Ensemble([skeletons[n] for n in t_ref]) if isinstance(t_ref, list)
-                  else skeletons.get(t_ref))
+        t_refs = [r for _, r in s.stage_refs("teacher")]
+        t_skel = (Ensemble([skeletons[n] for n in t_refs]) if len(t_refs) > 1
+                  else skeletons.get(t_refs[0]) if t_refs else None)
+        batch = getattr(s, "batch_size", None)
+        batch = min(batch, len(data.train)) if batch else None   # drop_last: every batch has this many
         for j, t in enumerate(getattr(s, "loss", []) or []):
+            if why := LOSSES[t.term].batch_problem(batch):
+                raise CompressError(f"stages[{i}].batch_size: {why}" + (
+                    "" if batch == s.batch_size else f" (the training set has only {batch} images)"))
             term = LOSSES[t.term](t)
             for role, paths, model in (("student_layer", term.student_layers(), skel),
                                        ("teacher_layer", term.teacher_layers(), t_skel)):
@@ -284,7 +330,7 @@ def validate_recipe(recipe, data=None):
                     if model is None:
                         raise CompressError(f"stages[{i}].loss[{j}].{role}: stage has no teacher")
                     resolve(model, p, f"stages[{i}].loss[{j}].{role}")
-        refs = ", ".join(f"{'from' if f == 'from_' else f}={r}" for f, r in s.stage_refs() + s.model_refs())
+        refs = ", ".join(f"{f}={r}" for f, _, r in s.refs())
         lines.append(f"  {i + 1}. {s.name} ({s.kind}){': ' + refs if refs else ''}")
     head = (f"{recipe.name}: valid; data {data.name} {len(data.train)}/{len(data.test)} images "
             f"{tuple(shape)}, {ncls} classes from {data.source}")

@@ -45,8 +45,10 @@ def load_stages(report, run_dir):
         if p.is_file():
             try:
                 history = json.loads(p.read_text()).get("info", {}).get("history") or []
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 history = []
+            if not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+                history = []   # not what this version wrote: drawn without a curve
         out.append({"name": s["name"], "kind": s["kind"], "top1": s.get("top1"), "history": history})
     return out
 
@@ -165,7 +167,7 @@ def plot_curves(stages, path, title=""):
     ax_acc.set_ylabel("top-1 (%)")
     ax_loss.set_ylabel("loss (weighted, per term)")
     ax_lr.set_ylabel("learning rate")
-    if any(ln.get_ydata().size for ln in ax_lr.get_lines()):
+    if any(len(ln.get_ydata()) for ln in ax_lr.get_lines()):   # a list when no curve was drawn
         ax_lr.set_yscale("log")
     ax_lr.set_xlabel("training epochs (cumulative across stages; shaded/dotted: stage boundaries)")
     ax_lr.set_xlim(0, max(end, 1) + 0.3)

@@ -1,8 +1,127 @@
-"""report.json (machine-readable) and report.md (tables a person reads), written atomically."""
+"""report.json (machine-readable) and report.md (tables a person reads), written atomically.
+
+The report's rows are typed (:class:`Report` and its row classes): `run` builds the report
+through them and `compare`/`report` read a report.json through them, so a damaged or
+foreign file is one error naming the field, never a traceback deep in a table.
+"""
 
 from pathlib import Path
+from typing import Optional
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .checkpoint import write_json, atomic_write
+from .errors import CompressError
+from .storage import name_problem
+
+
+class Row(BaseModel):
+    """Typed fields are checked (no coercion); fields added by newer versions are kept."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+Count = Optional[int]
+Number = Optional[float]
+
+
+class MemberRow(Row):
+    name: str
+    top1: Number = None
+    params: Count = None
+
+
+class StageRow(Row):
+    name: str
+    kind: str
+    top1: Number = None
+    params: Count = None
+    macs: Count = None
+    seconds: float = Field(ge=0)
+    reused: bool = False
+    params_before: Count = None
+    macs_before: Count = None
+    prune_ratio: Number = None
+    members: list[MemberRow] = []
+
+
+class Latency(Row):
+    b1: float = Field(gt=0)
+    b64: float = Field(gt=0)
+
+
+class ExportRow(Row):
+    model: str
+    format: str
+    path: str
+    bytes: int = Field(gt=0)
+    top1: Number = None
+    latency_ms: Latency
+    check: dict = {}
+
+
+class DataRow(Row):
+    name: str
+    num_classes: int
+    input_shape: list[int]
+    train_images: int = 0
+    test_images: int = 0
+
+
+class ComparisonRow(Row):
+    method: str
+    top1: Number = None
+    delta: Number = None
+    params: Count = None
+    seconds_per_epoch: Number = None
+    loss: list[str] = []
+
+
+class Comparison(Row):
+    baseline: str
+    rows: list[ComparisonRow]
+
+
+class Environment(Row):
+    device: str
+    threads: int
+
+
+class Report(Row):
+    recipe: str
+    data: DataRow
+    stages: list[StageRow]
+    exports: list[ExportRow]
+    total_seconds: float
+    wall_seconds: float
+    reference: Optional[str] = None
+    comparison: Optional[Comparison] = None
+    lineage: dict[str, Optional[str]] = {}
+    environment: Environment
+
+    @field_validator("recipe")
+    @classmethod
+    def _safe(cls, v):
+        if why := name_problem(v):
+            raise ValueError(why)
+        return v
+
+
+def parse_report(data, where):
+    """`data` (a report.json's content) checked against :class:`Report`; returns it as a dict.
+    Any problem is one CompressError naming the field."""
+    if not isinstance(data, dict) or not {"recipe", "stages", "exports"} <= set(data):
+        raise CompressError(f"{where}: not a compress report.json (needs recipe, stages, exports)")
+    try:
+        return Report.model_validate(data).model_dump(mode="json")
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".")
+        got = repr(err.get("input"))
+        got = got if len(got) <= 60 else got[:57] + "..."
+        msg = "required field is missing" if err["type"] == "missing" else f"{err['msg'][0].lower()}{err['msg'][1:]}, got {got}"
+        raise CompressError(f"{where}: {loc}: {msg}; not a report.json this version can read") from None
 
 
 def _count(n):

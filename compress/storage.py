@@ -2,8 +2,14 @@
 under the workdir, and nowhere else. Every delete the tool performs goes through
 :meth:`Storage.remove`, which refuses any path that does not resolve strictly inside one of
 those two folders, so no recipe, name or symlink can make a run delete files it never wrote.
+
+One run at a time per recipe and workdir: :meth:`Storage.lock` holds an exclusive
+``flock`` on ``runs/<recipe>/.lock`` for the whole run. The kernel drops the lock when the
+process ends, however it ends, so a killed run never leaves a stale lock behind.
 """
 
+import contextlib
+import os
 import re
 import shutil
 from pathlib import Path
@@ -64,3 +70,31 @@ class Storage:
             p.unlink(missing_ok=True)
         elif p.is_dir():
             shutil.rmtree(p)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold ``runs/<recipe>/.lock`` exclusively while the block runs; a second run of the
+        recipe in this workdir gets a CompressError naming the holder's process id.
+
+        >>> with Storage(".", "vgg_prune_kd").lock():
+        ...     pass
+        """
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise CompressError(f"{self.run_dir}: another run of this recipe is in progress "
+                                    f"(process {holder} holds {path}); wait for it to finish, "
+                                    "or use another --workdir") from None
+            # the holder's id, for the message above; the lock itself is the flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield path
+        finally:
+            os.close(fd)   # releases the flock

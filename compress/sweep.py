@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from .config import parse_value
 from .errors import CompressError
 from .storage import Storage
+from .yamlio import load_yaml
 
 INSTALL = "compress sweep needs Ray Tune: pip install -e '.[sweep]' (or pip install 'ray[tune]')"
 
@@ -46,10 +46,7 @@ def parse_params(texts):
             raise CompressError(f"--param {path}: given twice; list all its values in one --param")
         values = []
         for v in vals.split(","):
-            try:
-                parsed = yaml.safe_load(v)
-            except yaml.YAMLError:
-                parsed = v
+            parsed = parse_value(v, f"--param {path}")   # YAML 1.2, as a recipe and --set
             if parsed not in values:
                 values.append(parsed)
         out.append((path, values))
@@ -96,7 +93,7 @@ def load_raw(path, overrides, keep=None):
     recipe = load_recipe(path, overrides)          # every error names its field
     if keep is None:
         return recipe
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    raw = load_yaml(Path(path).read_text(encoding="utf-8"), str(path))
     for o in overrides:
         apply_override(raw, o)
     raw["stages"] = [s for s in raw["stages"] if s.get("name") in keep]

@@ -122,20 +122,22 @@ def test_fmnist_search_order(tmp_path, fmnist_writer, monkeypatch):
     monkeypatch.setenv("COMPRESS_DATA", str(tmp_path / "env"))
     assert len(fashion_mnist(download=False).train) == 12
     assert len(fashion_mnist(root=str(tmp_path / "root"), download=False).train) == 11
-    # a root with only some of the files is skipped, not half-used
+    # an explicit root is the only place looked: one with only some of the files is an
+    # error naming what it lacks, never silently replaced by another copy
     (tmp_path / "root" / "t10k-labels-idx1-ubyte.gz").unlink()
-    assert len(fashion_mnist(root=str(tmp_path / "root"), download=False).train) == 12
+    with pytest.raises(CompressError, match="data.root .*root \\(lacks t10k-labels-idx1-ubyte\\)"):
+        fashion_mnist(root=str(tmp_path / "root"), download=False)
 
 
 def test_fmnist_missing_everywhere_lists_tried(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("COMPRESS_DATA", str(tmp_path / "env-empty"))
     with pytest.raises(CompressError) as e:
-        fashion_mnist(root=str(tmp_path / "empty"), download=False)
+        fashion_mnist(download=False)
     msg = str(e.value)
     assert msg.startswith("fashion_mnist: dataset not found; tried ")
     tried = msg.removeprefix("fashion_mnist: dataset not found; tried ").split(". ")[0].split("; ")
-    assert tried == [f"root {tmp_path / 'empty'}", f"$COMPRESS_DATA {tmp_path / 'env-empty'} (no such folder)",
+    assert tried == [f"$COMPRESS_DATA {tmp_path / 'env-empty'} (no such folder)",
                      f"Debian dataset-fashion-mnist {tmp_path / 'no-debian'} (no such folder)",
                      "no download (data.download: false)"]
 

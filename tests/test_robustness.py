@@ -239,8 +239,7 @@ def mutations(draw, raw):
     """(kind, recipe dict or file text or bytes, extra CLI args, substrings the message must
     contain one of). Every mutation is invalid by construction."""
     raw = copy.deepcopy(raw)
-    kind = draw(st.sampled_from(["delete", "unknown_key", "typo", "wrong_type", "range", "name",
-                                 "reorder", "duplicate", "not_mapping", "yaml", "override", "data_root"]))
+    kind = draw(st.sampled_from(KINDS))
     if kind == "delete":
         path, key = draw(st.sampled_from(REQUIRED))
         del get(raw, path[:-1])[path[-1]]
@@ -325,16 +324,108 @@ def mutations(draw, raw):
         if choice == "value_not_mapping":
             return kind, raw, ["--set", f"name.{draw(words)}=1"], ["--set"]
         return kind, raw, ["--set", f"stages.teacher.epochs={draw(st.integers(-9, 0))}"], ["epochs"]
-    # data_root: a folder that does not exist (and no fallback copy)
-    raw["data"]["root"] = f"/nonexistent-{draw(words)}"
-    return kind, raw, [], ["fashion_mnist"]
+    if kind == "number":   # YAML 1.2 numbers that parse as numbers and are then refused
+        path, text, expect = draw(st.sampled_from(BAD_NUMBERS))
+        dumped = yaml.safe_dump(raw, sort_keys=False)
+        set_at(raw, path, "@@HERE@@")
+        text_out = yaml.safe_dump(raw, sort_keys=False).replace("'@@HERE@@'", text)
+        assert text_out != dumped
+        if draw(st.booleans()):
+            return kind, Text(text_out), [], [expect]
+        over = ".".join(str(raw["stages"][k]["name"]) if i == 1 and path[0] == "stages" else str(k)
+                        for i, k in enumerate(path))
+        return kind, Text(dumped), ["--set", f"{over}={text}"], [expect]
+    if kind == "bounded":  # inputs past the size, alias, depth and duplicate-key limits
+        choice = draw(st.sampled_from(["bomb", "recursive", "deep", "big", "dup", "dup_set", "long"]))
+        if choice == "bomb":
+            width, levels = draw(st.integers(8, 30)), draw(st.integers(6, 9))
+            text = f"name: x\na0: &a0 [{', '.join(['1'] * width)}]\n" + "".join(
+                f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]\n" for i in range(1, levels))
+            assume(width ** levels > 200_000)
+            return kind, Text(text + "stages: []\n"), [], ["alias bomb"]
+        if choice == "recursive":
+            return kind, Text(draw(st.sampled_from(["a: &a [*a]\n", "a: &a {b: *a}\n", "name: &n [1, [*n]]\n"]))), [], ["recursive"]
+        if choice == "deep":
+            n = draw(st.integers(65, 5000))
+            return kind, Text("name: " + "[" * n + "]" * n + "\n"), [], ["nested more than"]
+        if choice == "big":
+            pad = "#" * 100 + "\n"
+            return kind, Text(yaml.safe_dump(raw) + pad * draw(st.integers(1320, 3000))), [], ["at most 131072"]
+        if choice == "dup":
+            path = draw(st.sampled_from(mappings(raw)))
+            node = get(raw, path)
+            key = draw(st.sampled_from(sorted(node)))
+            lines = yaml.safe_dump(raw, sort_keys=False).splitlines()
+            token = f"@@{uuid.uuid4().hex}@@"
+            node[token] = node[key]
+            lines = yaml.safe_dump(raw, sort_keys=False).splitlines()
+            at = next(i for i, line in enumerate(lines) if token in line)
+            lines[at] = lines[at].replace(token, key)
+            text = "\n".join(lines) + "\n"
+            try:
+                yaml.safe_load(text)
+            except yaml.YAMLError:
+                assume(False)
+            return kind, Text(text), [], ["duplicate key"]
+        if choice == "dup_set":
+            return kind, raw, ["--set", "stages.teacher.optimizer={lr: 0.1, lr: 0.2}"], ["duplicate key"]
+        raw["stages"][draw(st.integers(0, 4))]["kind"] = (draw(words) * 60000)[:60000]   # a huge name
+        return kind, raw, [], ["unknown stage kind"]
+    if kind == "plan":     # valid alone, impossible together: validate refuses what run would fail on
+        plan, expect = draw(st.sampled_from(PLANS))
+        plan(raw, draw)
+        return kind, raw, [], [expect]
+    if kind == "safe_name":
+        where = draw(st.sampled_from([("name",), ("stages", 0, "name"), ("stages", 4, "name")]))
+        set_at(raw, where, draw(st.sampled_from(["..", ".", "../x", "/etc", "a/../..", ".hidden", "x" * 101])))
+        return kind, raw, [], ["cannot name a folder or file"]
+    # data_root: a folder that does not exist, or lacks files (no fallback copy is used)
+    if draw(st.booleans()):
+        raw["data"]["root"] = f"/nonexistent-{draw(words)}"
+        return kind, raw, [], ["fashion_mnist"]
+    partial = Path(raw["data"]["root"]).parent / "partial"
+    return kind, {**raw, "data": {**raw["data"], "root": str(partial)}}, [], ["lacks t10k-images-idx3-ubyte"]
+
+
+KINDS = ["delete", "unknown_key", "typo", "wrong_type", "range", "name", "reorder", "duplicate",
+         "not_mapping", "yaml", "override", "data_root", "number", "bounded", "plan", "safe_name"]
+
+# (path, YAML 1.2 text of a number, what the message names): read as numbers, refused by range.
+BAD_NUMBERS = [
+    (("stages", 0, "optimizer", "lr"), ".inf", "finite"), (("stages", 0, "optimizer", "lr"), ".nan", "finite"),
+    (("stages", 0, "optimizer", "lr"), "-1e-3", "lr"), (("stages", 1, "ratio"), "1e308", "ratio"),
+    (("stages", 1, "ratio"), "-.inf", "ratio"), (("stages", 2, "loss", 0, "T"), ".NaN", "finite"),
+    (("stages", 0, "epochs"), "1e23", "epochs"), (("stages", 0, "epochs"), "100000", "epochs"),
+    (("stages", 0, "batch_size"), "99999999999", "batch_size"), (("seed",), "99999999999999999999999", "seed"),
+    (("seed",), "-1", "seed"), (("stages", 0, "optimizer", "weight_decay"), ".inf", "finite"),
+    (("stages", 3, "weight_bits"), "0x10", "weight_bits"), (("stages", 0, "epochs"), "0o0", "epochs"),
+]
+
+
+def _plan_set(path, value):
+    def apply(raw, draw):
+        set_at(raw, path, value)
+    return apply
+
+
+PLANS = [
+    (lambda r, d: r["stages"].insert(4, {"name": "p2", "kind": "prune", "from": "qat", "ratio": 0.5}),
+     "quantized model"),
+    (lambda r, d: r["stages"].insert(4, {"name": "q2", "kind": "qat", "from": "qat"}), "quantized model"),
+    (lambda r, d: r["stages"][4]["models"].append({"model": "qat", "format": "onnx-fp32"}), "quantized model"),
+    (lambda r, d: r["stages"][1].update(ignore=[f"{d(words)}.layer"]), "ignore[0]"),
+    (lambda r, d: r["stages"][1].update(ratio=d(st.floats(0.876, 0.9999))), "would leave layer"),
+    (lambda r, d: r["stages"][2].update(batch_size=1, loss=[{"term": "rkd"}]), "needs at least 2 images"),
+    (lambda r, d: r["stages"][3].update(batch_size=1, loss=[{"term": "kd"}, {"term": "rkd", "weight": 0.5}]),
+     "needs at least 2 images"),
+]
 
 
 def test_malformed_recipes_exit_2_with_a_short_message(base):
     raw, tmp = base
     seen = {}
 
-    @settings(max_examples=240, deadline=None, database=None,
+    @settings(max_examples=400, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
     @given(st.data())
     def check(data):
@@ -347,13 +438,20 @@ def test_malformed_recipes_exit_2_with_a_short_message(base):
         for command in (["validate"], ["run", "--device", "cpu", "--workdir", str(tmp / "w")]):
             code, _, err = cli([*command, str(path), *extra])
             assert_user_error(code, err, expect)
-            assert not (tmp / "w" / "runs").exists()   # refused before anything ran
+            # refused before anything ran; a file the tool never wrote is untouched
+            assert sorted(p.name for p in (tmp / "w").iterdir()) == ["keep.txt"]
+            assert (tmp / "w" / "keep.txt").read_text() == "mine"
         seen[kind] = seen.get(kind, 0) + 1
 
+    (tmp / "w").mkdir(exist_ok=True)
+    (tmp / "w" / "keep.txt").write_text("mine")
+    partial = tmp / "partial"
+    write_fmnist(partial)
+    (partial / "t10k-images-idx3-ubyte.gz").unlink()
     with no_fallback_data(tmp):
         check()
-    assert sum(seen.values()) >= 200, seen
-    assert len(seen) == 12, seen     # every kind of mutation was exercised
+    assert sum(seen.values()) >= 380, seen
+    assert set(seen) == set(KINDS), seen     # every kind of mutation was exercised
 
 
 @pytest.mark.parametrize("damage, expect", [
@@ -815,3 +913,136 @@ def test_real_write_failure_in_a_real_process_is_one_line(tiny, reference, tmp_p
     assert str(work) in proc.stderr
     assert stored_files(work) == before
     assert not [*work.glob("**/.*.tmp")]
+
+
+# ---- 1b. every sub-command's arguments: a property-based test --------------------------------
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """ONNX files (a good 10-class Fashion-MNIST model, a 7-class one, one frozen to batch 1,
+    an RGB 32x32 one), a valid report.json, a tiny dataset and junk files."""
+    import onnx
+
+    from compress.models import VGG
+    from compress.onnx_io import export_onnx
+
+    tmp = tmp_path_factory.mktemp("commands")
+    write_fmnist(tmp / "fmnist")
+    meta = {"dataset": "fashion_mnist", "recipe": "x", "format": "onnx-fp32"}
+    torch.manual_seed(0)
+    for name, ch, ncls, hw in (("good", 1, 10, 28), ("seven", 1, 7, 28), ("rgb", 3, 10, 32)):
+        export_onnx(VGG([4, "M", 8], in_channels=ch, num_classes=ncls).eval(), tmp / f"{name}.onnx",
+                    input_shape=(ch, hw, hw), mean=[0.5] * ch, std=[0.5] * ch,
+                    metadata={**meta, "dataset": "fashion_mnist" if ch == 1 else "cifar10"})
+    proto = onnx.load(str(tmp / "good.onnx"))
+    for v in (proto.graph.input[0], proto.graph.output[0]):
+        v.type.tensor_type.shape.dim[0].dim_value = 1          # batch axis frozen to 1
+    onnx.save(proto, str(tmp / "fixed.onnx"))
+    (tmp / "junk.onnx").write_bytes(b"\x08\x01junk" * 10)
+    (tmp / "text.json").write_text("not json {")
+    (tmp / "list.json").write_text("[1, 2]")
+    (tmp / "adir").mkdir()
+    good = {"recipe": "x", "data": {"name": "fashion_mnist", "num_classes": 10, "input_shape": [1, 28, 28]},
+            "stages": [{"name": "t", "kind": "train", "top1": 50.0, "params": 10, "macs": 20, "seconds": 1.0}],
+            "exports": [{"model": "t", "format": "onnx-fp32", "path": "good.onnx", "bytes": 100, "top1": 50.0,
+                         "latency_ms": {"b1": 0.1, "b64": 1.0}}],
+            "total_seconds": 1.0, "wall_seconds": 1.0, "environment": {"device": "cpu", "threads": 1}}
+    (tmp / "valid").mkdir()
+    (tmp / "valid" / "report.json").write_text(json.dumps(good))
+    code, out, err = cli(["report", str(tmp / "valid")])     # a genuine report copied elsewhere
+    assert code == 0 and "no stored stage results" in out, err
+    return tmp, good
+
+
+# (path in the report, wrong value) for the report-field mutations
+REPORT_DAMAGE = [
+    (("recipe",), 3), (("recipe",), "../.."), (("stages",), {"a": 1}), (("stages", 0, "top1"), "92%"),
+    (("stages", 0, "params"), 1.5), (("stages", 0, "seconds"), None), (("exports", 0, "bytes"), "1KB"),
+    (("exports", 0, "latency_ms"), [1, 2]), (("exports", 0, "latency_ms", "b1"), 0), (("data", "num_classes"), "10"),
+    (("environment",), None), (("exports",), "none"), (("stages", 0), "t"), (("data", "input_shape"), [1.5]),
+]
+
+
+@st.composite
+def command_args(draw, tmp, good):
+    """(argv, substrings the message must contain one of, report to write or None)."""
+    f = {n: str(tmp / n) for n in ("good.onnx", "seven.onnx", "rgb.onnx", "fixed.onnx", "junk.onnx",
+                                    "text.json", "list.json", "adir", "fmnist")}
+    missing = str(tmp / f"missing-{draw(words)}.onnx")
+    cmd = draw(st.sampled_from(["eval", "bench", "compare", "report"]))
+    if cmd == "eval":
+        case = draw(st.sampled_from(["missing", "junk", "dir", "classes", "data", "subset", "root", "rgb"]))
+        root = ["--root", f["fmnist"]]
+        return {"missing": (["eval", missing, *root], ["no such file"]),
+                "junk": (["eval", f["junk.onnx"], *root], ["not a readable ONNX"]),
+                "dir": (["eval", f["adir"], *root], ["no such file"]),
+                "classes": (["eval", f["seven.onnx"], *root], ["7 outputs"]),
+                "data": (["eval", f["good.onnx"], "--data", draw(words), *root], ["unknown dataset"]),
+                "subset": (["eval", f["good.onnx"], "--test-subset", str(draw(st.integers(-10**6, 0))), *root],
+                           ["--test-subset"]),
+                "root": (["eval", f["good.onnx"], "--root", str(tmp / f"nowhere-{draw(words)}")], ["no such folder"]),
+                "rgb": (["eval", f["rgb.onnx"], "--data", "fashion_mnist", *root], ["does not fit"]),
+                }[case] + (None,)
+    if cmd == "bench":
+        case = draw(st.sampled_from(["missing", "junk", "batch", "huge", "runs", "threads", "fixed", "twin",
+                                     "twin_missing", "twin_fixed"]))
+        quick = ["--runs", "1"]
+        return {"missing": (["bench", missing], ["no such file"]),
+                "junk": (["bench", f["junk.onnx"]], ["not a readable ONNX"]),
+                "batch": (["bench", f["good.onnx"], "--batch", str(draw(st.integers(-10**9, 0)))], ["--batch"]),
+                "huge": (["bench", f["good.onnx"], "--batch", str(draw(st.integers(65537, 10**12)))], ["--batch"]),
+                "runs": (["bench", f["good.onnx"], "--runs", str(draw(st.one_of(st.integers(-99, 0),
+                                                                           st.integers(100_001, 10**9))))], ["--runs"]),
+                "threads": (["bench", f["good.onnx"], "--threads", str(draw(st.one_of(st.integers(-99, 0),
+                                                                                 st.integers(1025, 10**6)))), *quick],
+                            ["--threads"]),
+                "fixed": (["bench", f["fixed.onnx"], "--batch", str(draw(st.integers(2, 65536))), *quick],
+                          ["batches of exactly 1"]),
+                "twin": (["bench", f["good.onnx"], "--compare", draw(st.sampled_from([f["seven.onnx"], f["rgb.onnx"]])),
+                          "--batch", "1", *quick], ["same task"]),
+                "twin_missing": (["bench", f["good.onnx"], "--compare", missing, *quick], ["no such file"]),
+                "twin_fixed": (["bench", f["good.onnx"], "--compare", f["fixed.onnx"], "--batch", "1", "64", *quick],
+                               ["batches of exactly 1"]),
+                }[case] + (None,)
+    damaged = copy.deepcopy(good)
+    path, value = draw(st.sampled_from(REPORT_DAMAGE))
+    set_at(damaged, path, value)
+    bad_files = [(f["text.json"], "not readable JSON"), (f["list.json"], "not a compress report.json"),
+                 (missing, "no such file"), (f["good.onnx"], "not readable JSON")]
+    if cmd == "compare":
+        if draw(st.booleans()):
+            arg, expect = draw(st.sampled_from(bad_files))
+            return ["compare", str(tmp / "valid"), arg, "--out", str(tmp / "out")], [expect], None
+        return ["compare", str(tmp / "valid"), str(tmp / "damaged"), "--out", str(tmp / "out")], \
+            ["report.json"], damaged
+    if draw(st.booleans()):
+        arg, expect = draw(st.sampled_from(bad_files[1:3] + [(f["adir"], "no report.json")]))
+        return ["report", arg], [expect, "no report.json"], None
+    return ["report", str(tmp / "damaged")], ["report.json"], damaged
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(Path(folder).rglob("*"))}
+
+
+def test_bad_command_arguments_exit_2_with_a_short_message(files):
+    tmp, good = files
+    seen = {}
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @given(st.data())
+    def check(data):
+        argv, expect, damaged = data.draw(command_args(tmp, good))
+        if damaged is not None:
+            (tmp / "damaged").mkdir(exist_ok=True)
+            (tmp / "damaged" / "report.json").write_text(json.dumps(damaged))
+        before = snapshot(tmp)
+        code, _, err = cli(argv)
+        assert_user_error(code, err, expect)
+        assert snapshot(tmp) == before         # nothing written, nothing removed
+        seen[argv[0]] = seen.get(argv[0], 0) + 1
+
+    with no_fallback_data(tmp):
+        check()
+    assert sum(seen.values()) >= 120 and set(seen) == {"eval", "bench", "compare", "report"}, seen

@@ -10,14 +10,15 @@ file plus its ``@LOSSES.register`` entry; the training loop never names a method
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Annotated, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 from torch import nn
 
 from ..config import Spec
+from ..errors import CompressError
 from ..hooks import FeatureTaps
 from ..registry import Registry
 
@@ -59,6 +60,7 @@ class TermInfo:
 
     num_samples: Optional[int] = None   # training images; batch.index is in [0, num_samples)
     num_classes: Optional[int] = None
+    batch_size: Optional[int] = None    # images per training batch (all batches are full)
     world_size: int = 1                 # processes sharing each global batch (torchrun)
 
 
@@ -80,6 +82,15 @@ class LossTerm(nn.Module):
 
     spec_cls = TermSpec
     uses_teacher = False
+    min_batch = 1      # fewest images per batch the term's math is defined for
+
+    @classmethod
+    def batch_problem(cls, batch_size):
+        """None, or why this term cannot be computed on batches of `batch_size` images."""
+        if batch_size is not None and batch_size < cls.min_batch:
+            return (f"loss term '{cls.spec_cls.model_fields['term'].default}' needs at least "
+                    f"{cls.min_batch} images per batch, got {batch_size}")
+        return None
     # Why the term cannot train under DDP (state DDP does not keep in step across processes),
     # or None; the pipeline refuses such a recipe under torchrun before training.
     distributed_problem = None
@@ -119,12 +130,32 @@ for _m in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_m.name}")
 
 
-def term_spec_type():
-    """The discriminated union of every registered term's config (for stage configs)."""
-    from typing import Annotated, Union
+class _TermList:
+    """Marker on the item type of a stage field holding loss terms (see term_spec_type)."""
 
-    classes = tuple(LOSSES[n].spec_cls for n in sorted(LOSSES))
-    return Annotated[Union[classes], Field(discriminator="term")]
+    def __repr__(self):
+        return "TERM_LIST"
+
+
+TERM_LIST = _TermList()
+
+
+def _registered_term(value):
+    """A term mapping validated by the config class registered for its `term`, looked up
+    now: a plugin may register terms after the stage modules were imported."""
+    if isinstance(value, dict) and isinstance(value.get("term"), str) and value["term"] in LOSSES:
+        return LOSSES[value["term"]].spec_cls.model_validate(value)
+    return value
+
+
+def term_spec_type():
+    """The item type of a stage's `loss` list: any registered term's config, resolved through
+    the registry when a recipe is parsed (``compress.config`` parses each item with its
+    term's class and names the field path of any error), serialised with all its fields.
+
+    >>> loss: list[term_spec_type()] = Field([KDSpec()], min_length=1)
+    """
+    return Annotated[SerializeAsAny[TermSpec], BeforeValidator(_registered_term), TERM_LIST]
 
 
 class Objective(nn.Module):
@@ -155,6 +186,10 @@ class Objective(nn.Module):
         t_paths = [p for t in terms.values() for p in t.teacher_layers()]
         self.s_taps = FeatureTaps(student, s_paths, "student_layer")
         self.t_taps = FeatureTaps(teacher.module, t_paths, "teacher_layer") if teacher is not None else None
+        batch = info.batch_size if info is not None else None
+        for n, t in terms.items():
+            if why := t.batch_problem(batch):
+                raise CompressError(f"{why}; raise batch_size (or the training images) or drop '{n}'")
         if sample is not None or info is not None:
             # The dummy forward runs only when a term taps layers (as before: a QAT model's
             # observers see no extra batch); every term gets setup() with the run's facts.

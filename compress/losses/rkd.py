@@ -70,6 +70,7 @@ class RKD(LossTerm):
 
     spec_cls = RKDSpec
     uses_teacher = True
+    min_batch = 2      # one image has no pairs: the mean distance is 0/0
 
     def forward(self, student, teacher, batch):
         s = student.features[self.spec.student_layer].float()

@@ -1,9 +1,102 @@
 """INT8 quantization: fake-quant models for QAT and post-training calibration, and the
 integer modules that export to a standard QDQ ONNX graph.
 
-Backends, one file each: ``eager`` (own fake-quant modules for plain ``nn.Sequential``
-conv/BN/ReLU/pool/linear stacks, BN folding simulated as in Jacob et al. 2018).
+Backends, one file each:
+
+- ``eager``: own fake-quant modules for plain ``nn.Sequential`` conv/BN/ReLU/pool/linear
+  stacks (the VGGs), BN folding simulated as in Jacob et al. 2018.
+- ``pt2e``: torchao's graph-mode flow (``torch.export`` -> ``prepare_qat_pt2e`` ->
+  ``convert_pt2e``) with our own quantizer, for any model ``torch.export`` can capture
+  (residual adds, depthwise convs, ReLU6).
+
+Both compute the same scheme (``QuantSpec``). The functions below dispatch on the model:
+
+    q = quantize_model(model, QuantSpec(), input_shape=(1, 28, 28))
+    calibrate(q, batches); ... train q; set_qat_phase(q, observers=False, bn_stats=False)
+    export_onnx(to_int8_module(q), ...)
 """
 
-from .eager import (ActQuant, Int8Conv2d, Int8Linear, QConv2d, QLinear, QuantSpec,  # noqa: F401
-                    calibrate, is_quantized, quantize_model, set_qat_phase, to_int8_module)
+from typing import Iterable
+
+from torch import Tensor, nn
+
+from . import eager, pt2e
+from .eager import ActQuant, Int8Conv2d, Int8Linear, QConv2d, QLinear  # noqa: F401
+from .spec import BACKENDS, QuantSpec  # noqa: F401
+from ..errors import CompressError
+
+
+def eager_supports(model: nn.Module) -> bool:
+    """True when the eager backend can quantize `model` (a plain nn.Sequential stack)."""
+    if not eager._plain_sequential(model):
+        return False
+    try:
+        eager.quantize_model(model, QuantSpec(backend="eager"))
+    except CompressError:
+        return False
+    return True
+
+
+def resolve_backend(model: nn.Module, spec: QuantSpec) -> str:
+    """``spec.backend``, with ``auto`` made concrete for `model`.
+
+    >>> from compress.models import VGG
+    >>> resolve_backend(VGG([8], in_channels=1), QuantSpec())
+    'eager'
+    """
+    if spec.backend != "auto":
+        return spec.backend
+    return "eager" if eager_supports(model) else "pt2e"
+
+
+def backend_of(qmodel: nn.Module) -> str:
+    """The backend that made a quantized model."""
+    return "pt2e" if isinstance(qmodel, pt2e.PT2EModel) else "eager"
+
+
+def quantize_model(model: nn.Module, spec: QuantSpec, input_shape=None) -> nn.Module:
+    """A new QAT-ready model (fake quantization of input, weights and activations, BN
+    folding simulated); `model` is left untouched. `input_shape` (C, H, W) is needed by
+    the pt2e backend, which captures the graph with an example input.
+
+    >>> from compress.models import VGG
+    >>> q = quantize_model(VGG([8, "M", 16], in_channels=1), QuantSpec(), (1, 28, 28))
+    >>> backend_of(q)
+    'eager'
+    """
+    if is_quantized(model):
+        raise CompressError("the model is already quantized")
+    # Without an input shape nothing can be captured: auto means eager, whose error then
+    # names the layer it cannot quantize.
+    backend = "eager" if input_shape is None and spec.backend == "auto" else resolve_backend(model, spec)
+    if backend == "eager":
+        return eager.quantize_model(model, spec)
+    if input_shape is None:
+        raise CompressError("quantize_model: the pt2e backend needs the input shape (C, H, W)")
+    return pt2e.quantize_model(model, spec, input_shape)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True for models returned by ``quantize_model``."""
+    return isinstance(model, pt2e.PT2EModel) or eager.is_quantized(model)
+
+
+def set_qat_phase(qmodel: nn.Module, *, observers: bool, bn_stats: bool) -> None:
+    """``observers=False`` fixes all activation ranges; ``bn_stats=False`` freezes BN
+    running statistics and trains on the folded weights. Saved in the state_dict."""
+    if isinstance(qmodel, pt2e.PT2EModel):
+        qmodel.set_phase(observers=observers, bn_stats=bn_stats)
+    else:
+        eager.set_qat_phase(qmodel, observers=observers, bn_stats=bn_stats)
+
+
+def calibrate(qmodel: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Post-training calibration: every activation range becomes the mean of the batches'
+    min/max, with BN in eval (folded). Modes and phase flags are restored."""
+    (pt2e if isinstance(qmodel, pt2e.PT2EModel) else eager).calibrate(qmodel, batches)
+
+
+def to_int8_module(qmodel: nn.Module) -> nn.Module:
+    """Eval-only module with int8 weights and Q/DQ activations computing what the
+    eval-mode fake-quant `qmodel` computes; ``onnx_io.export_onnx`` writes it as QDQ."""
+    return (pt2e if isinstance(qmodel, pt2e.PT2EModel) else eager).to_int8_module(qmodel)

@@ -15,16 +15,31 @@ STAGES = Registry("stage kind")
 
 
 @dataclass(frozen=True)
+class PlanBuilder:
+    """What a ``plan`` function gets as `build`: ``build(name)`` makes the skeleton of the
+    recipe's ``models.<name>`` sized for the data; ``input_shape`` (C, H, W) lets a plan
+    trace a model (e.g. through quantization preparation)."""
+
+    recipe: object
+    input_shape: tuple
+    num_classes: int
+
+    def __call__(self, name):
+        return new_model(self.recipe, name, self.input_shape[0], self.num_classes)[0]
+
+
+@dataclass(frozen=True)
 class StageKind:
     spec: type            # the pydantic config class
     run: Callable         # run(cfg, ctx) -> StageResult
-    plan: Callable        # plan(cfg, inputs, build) -> nn.Module | None
+    plan: Callable        # plan(cfg, inputs, build: PlanBuilder) -> nn.Module | None
     makes_model: bool = True
+    quantizes: bool = False   # its model is quantized (stages needing a float model refuse it)
 
 
-def register(name, spec, plan, makes_model=True):
+def register(name, spec, plan, makes_model=True, quantizes=False):
     def deco(run):
-        STAGES.register(name)(StageKind(spec, run, plan, makes_model))
+        STAGES.register(name)(StageKind(spec, run, plan, makes_model, quantizes))
         return run
     return deco
 
@@ -119,18 +134,6 @@ def input_model(cfg, ctx, build_fresh=True):
         return copy.deepcopy(src.get_model()), copy.deepcopy(src.spec)
     model, spec = new_model(ctx.recipe, cfg.model, ctx.data.input_shape[0], ctx.data.num_classes)
     return model, spec
-
-
-class SkeletonBuilder:
-    """What a stage kind's ``plan(cfg, inputs, build)`` gets as `build`: ``build(name)``
-    makes the recipe's `models.<name>` entry for the data; ``input_shape`` (C, H, W) and
-    ``num_classes`` let a plan run the skeleton (a trial prune, a trace)."""
-
-    def __init__(self, recipe, input_shape, num_classes):
-        self.recipe, self.input_shape, self.num_classes = recipe, tuple(input_shape), num_classes
-
-    def __call__(self, name):
-        return new_model(self.recipe, name, self.input_shape[0], self.num_classes)[0]
 
 
 def plan_student(cfg, inputs, build):

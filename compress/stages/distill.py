@@ -6,7 +6,7 @@ import torch
 from pydantic import Field, model_validator
 
 from .. import distributed
-from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights
+from ..config import MODEL_REF, StageSpec, TeacherRef, TrainingSpec, check_teacher_weights, stage_ref
 from ..data import iterate
 from ..engine import fit
 from ..losses import Objective, TermInfo, term_spec_type
@@ -18,8 +18,8 @@ from . import (StageResult, describe, input_model, plan_student, prepare, regist
 
 class DistillStage(StageSpec, TrainingSpec):
     kind: Literal["distill"] = "distill"
-    from_: Optional[str] = Field(None, alias="from", description="earlier stage whose model is the student")
-    model: Optional[str] = Field(None, description="models entry: a fresh student")
+    from_: Optional[stage_ref()] = Field(None, alias="from", description="earlier stage whose model is the student")
+    model: Optional[MODEL_REF] = Field(None, description="models entry: a fresh student")
     teacher: TeacherRef = Field(description="earlier stage, or a list of stages (mean of their logits)")
     teacher_weights: Optional[list[float]] = Field(None, description="weights of several teachers' logits")
     loss: list[term_spec_type()] = Field([KDSpec(T=4.0, alpha=0.9)], min_length=1)
@@ -38,6 +38,8 @@ def build_objective(cfg, model, ctx):
     teacher = teacher_of(cfg, ctx)
     sample = next(iterate(ctx.data.train, ctx.data, 2, channels_last=True)).x
     info = TermInfo(num_samples=len(ctx.data.train), num_classes=ctx.data.num_classes,
+                    # images per rank and step (drop_last: all batches full; the global batch is split)
+                    batch_size=min(cfg.batch_size, len(ctx.data.train)) // distributed.world_size(),
                     world_size=distributed.world_size())
     objective = Objective(cfg.loss, model, teacher, sample=sample, info=info)
     if objective.needs_teacher and teacher is None:

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import StageSpec
+from ..config import StageSpec, stage_ref
 from ..engine import evaluate
 from ..models import Ensemble, count_params, ensemble_spec
 from . import StageResult, describe, prepare, register
@@ -14,7 +14,7 @@ from . import StageResult, describe, prepare, register
 
 class EnsembleStage(StageSpec):
     kind: Literal["ensemble"] = "ensemble"
-    members: list[str] = Field(min_length=2, description="earlier stages whose models are averaged")
+    members: list[stage_ref("member")] = Field(min_length=2, description="earlier stages whose models are averaged")
     weights: Optional[list[float]] = Field(None, description="weights of the members' logits")
 
     @model_validator(mode="after")
@@ -22,9 +22,6 @@ class EnsembleStage(StageSpec):
         if self.weights is not None and (len(self.weights) != len(self.members) or min(self.weights) <= 0):
             raise ValueError(f"weights: need {len(self.members)} positive weights, got {self.weights}")
         return self
-
-    def stage_refs(self):
-        return [(f"members[{i}]", m) for i, m in enumerate(self.members)]
 
 
 def _plan(cfg, inputs, build):

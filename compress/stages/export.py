@@ -1,7 +1,8 @@
 """`export`: ONNX files of earlier stages' models, each verified in onnxruntime.
 
 FP32 files must match PyTorch's logits within 1e-4; INT8 files must agree with the
-fake-quant model's top-1 on >= 99% of the test set. Every number in the report is
+fake-quant model's top-1 on >= 99% of the test set, and onnxruntime must run every conv
+of them as an integer kernel. Every number in the report is
 measured on the exported file: top-1 by onnxruntime on the whole test set, latency by
 onnxruntime on the CPU.
 """
@@ -14,18 +15,18 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..config import Spec, StageSpec
+from ..config import Spec, StageSpec, stage_ref
 from ..data import iterate
 from ..engine import predict
 from ..errors import CompressError
-from ..onnx_io import (check_fp32_parity, check_int8_agreement, export_onnx, ort_latency_ms,
-                       ort_logits)
+from ..onnx_io import (check_fp32_parity, check_int8_agreement, check_int8_kernels, export_onnx,
+                       ort_latency_ms, ort_logits)
 from ..quant import QuantSpec, calibrate, is_quantized, quantize_model, to_int8_module
 from . import StageResult, register
 
 
 class ExportItem(Spec):
-    model: str = Field(description="the stage whose model to export")
+    model: stage_ref("export") = Field(description="the stage whose model to export")
     format: Literal["onnx-fp32", "onnx-int8"] = "onnx-fp32"
 
 
@@ -36,9 +37,6 @@ class ExportStage(StageSpec):
     calibration_batches: int = Field(16, ge=1, description="for onnx-int8 of a float model (post-training)")
     fp32_atol: float = Field(1e-4, gt=0)
     int8_min_agreement: float = Field(0.99, gt=0, le=1)
-
-    def stage_refs(self):
-        return [(f"models[{i}].model", m.model) for i, m in enumerate(self.models)]
 
 
 def _images01(split):
@@ -51,13 +49,30 @@ def _int8_source(model, ctx, cfg, qspec=None):
     quantization (BN folded, observers calibrated on training batches) of a float model."""
     if is_quantized(model):
         return model
-    q = quantize_model(copy.deepcopy(model).float().cpu(), qspec or QuantSpec()).to(ctx.device)
+    q = quantize_model(copy.deepcopy(model).float().cpu(), qspec or QuantSpec(),
+                       ctx.data.input_shape).to(ctx.device)
     batches = iterate(ctx.data.train, ctx.data, 256, channels_last=True)
     calibrate(q, (b.x for _, b in zip(range(cfg.calibration_batches), batches)))
     return q
 
 
-@register("export", ExportStage, lambda cfg, inputs, build: None, makes_model=False)
+def _plan(cfg, inputs, build):
+    """Prove each onnx-int8 item can be quantized: a float model is captured and prepared
+    as post-training quantization will do (a qat stage's model already was)."""
+    for i, item in enumerate(cfg.models):
+        skel = inputs.get(item.model)
+        if item.format == "onnx-int8" and skel is not None and not is_quantized(skel):
+            try:
+                quantize_model(copy.deepcopy(skel), QuantSpec(), build.input_shape)
+            except CompressError as e:
+                raise CompressError(f"stages.{cfg.name}.models[{i}]: onnx-int8 of stage '{item.model}': {e}") from None
+        if item.format == "onnx-fp32" and skel is not None and is_quantized(skel):
+            raise CompressError(f"stages.{cfg.name}.models[{i}]: stage '{item.model}' holds a quantized model; "
+                                "export it as onnx-int8")
+    return None
+
+
+@register("export", ExportStage, _plan, makes_model=False)
 def run(cfg, ctx):
     """Write, check and measure one ONNX file per `models` entry.
 
@@ -93,6 +108,7 @@ def run(cfg, ctx):
                         metadata={**meta, "stage": item.model, "format": fmt})
             check["top1_agreement"] = float(check_int8_agreement(
                 path, copy.deepcopy(qmodel).cpu(), images, min_agreement=cfg.int8_min_agreement))
+            check["ort_int8_ops"] = check_int8_kernels(path)   # no float Conv left after ORT's fusion
             if not is_quantized(model):
                 check["post_training"] = True
         logits = ort_logits(path, images)

@@ -13,10 +13,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import StageSpec, TrainingSpec
+from .. import distributed
+from ..config import MODEL_REF, StageSpec, TrainingSpec
 from ..data import iterate
 from ..engine import fit
-from ..losses import Objective, term_spec_type
+from ..losses import Objective, TermInfo, term_spec_type
 from ..losses.dml import DMLSpec
 from ..models import Ensemble, ensemble_spec, make_spec
 from . import StageResult, describe, new_model, prepare, register
@@ -25,11 +26,8 @@ from .ensemble import member_rows
 
 class MutualStage(StageSpec, TrainingSpec):
     kind: Literal["mutual"] = "mutual"
-    models: list[str] = Field(min_length=2, description="models entries, one per peer (repeat to clone)")
+    models: list[MODEL_REF] = Field(min_length=2, description="models entries, one per peer (repeat to clone)")
     loss: list[term_spec_type()] = Field([DMLSpec()], min_length=1)
-
-    def model_refs(self):
-        return [(f"models[{i}]", m) for i, m in enumerate(self.models)]
 
     def peer_losses(self):
         """The loss specs with the cohort size filled in where a term needs it."""
@@ -51,7 +49,10 @@ def run(cfg, ctx):
     built = [new_model(ctx.recipe, m, shape[0], ncls, salt=f"#peer{i}") for i, m in enumerate(cfg.models)]
     cohort = prepare(Ensemble([m for m, _ in built]), ctx)
     sample = next(iterate(ctx.data.train, ctx.data, 2, channels_last=True)).x
-    objective = Objective(cfg.peer_losses(), cohort, None, sample=sample).to(ctx.device)
+    info = TermInfo(num_samples=len(ctx.data.train), num_classes=ncls,
+                    batch_size=min(cfg.batch_size, len(ctx.data.train)) // distributed.world_size(),
+                    world_size=distributed.world_size())   # images per rank and step
+    objective = Objective(cfg.peer_losses(), cohort, None, sample=sample, info=info).to(ctx.device)
     history = fit(cohort, objective, cfg, ctx, name=cfg.name)
     specs = [make_spec(s["arch"], s["args"], m) for (_, s), m in zip(built, cohort.members)]
     names = [f"{cfg.name}.peer{i}" for i in range(len(cfg.models))]

@@ -8,7 +8,7 @@ import torch_pruning as tp
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import StageSpec
+from ..config import StageSpec, stage_ref
 from ..errors import CompressError
 from ..hooks import resolve
 from ..models import apply_layer_shapes, build_model, classifier_path, layer_shapes, make_spec
@@ -31,7 +31,7 @@ IMPORTANCES.register("random")(lambda: tp.importance.RandomImportance())
 
 class PruneStage(StageSpec):
     kind: Literal["prune"] = "prune"
-    from_: str = Field(alias="from")
+    from_: stage_ref(float_model=True) = Field(alias="from", description="earlier stage with a float model")
     ratio: Optional[float] = Field(None, gt=0, lt=1, description="fraction of channels removed per layer")
     target_macs: Optional[float] = Field(None, gt=0, lt=1, description="fraction of the input's MACs to keep")
     importance: str = "l1"
@@ -71,11 +71,43 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     return model
 
 
+def max_ratio(model, cfg, num_classes):
+    """The largest per-layer ratio that leaves every pruned layer at least one channel, and
+    the layer that sets it. torch-pruning keeps int(C * (1 - ratio)) of a layer's C channels
+    (rounded down to `round_to`) and silently skips a layer it would empty, so above this
+    ratio fewer channels would be pruned, not more."""
+    ignored = {id(m) for m in classifier_layers(model, num_classes)}
+    ignored |= {id(resolve(model, p, "ignore")) for p in cfg.ignore}
+    step = cfg.round_to or 1
+    widths = [(path, m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+              for path, m in model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in ignored]
+    if not widths:
+        return None, None
+    path, c = min(widths, key=lambda w: w[1])
+    # keep = int(c * (1 - r)) >= step  <=>  r <= 1 - step / c (less a hair for float rounding)
+    return max(0.0, 1 - step / c - 1e-9), path
+
+
+def check_ratio(model, cfg, num_classes, ratio, field):
+    """Refuse a ratio that would empty a layer (torch-pruning would then prune less)."""
+    top, layer = max_ratio(model, cfg, num_classes)
+    if top is None:
+        raise CompressError(f"stages.{cfg.name}: nothing to prune (every Conv2d/Linear is ignored or the classifier)")
+    m = model.get_submodule(layer)
+    width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    # torch-pruning's own arithmetic: the narrowest layer keeps int(C * (1 - ratio)) channels
+    # (exact at boundaries such as 16 channels, ratio 0.5, round_to 8, which `top` excludes)
+    if int(width * (1 - ratio)) < (cfg.round_to or 1):
+        raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' no channel; "
+                            f"at most {top:.4f} for this model (with round_to {cfg.round_to or 1})")
+
+
 def ratio_for_macs(model, cfg, input_shape, num_classes, target):
     """Smallest per-layer ratio whose pruned model keeps <= `target` x the MACs (bisection:
     torch-pruning has no MACs target of its own; importance is deterministic)."""
     _, base = model_cost(model, input_shape)
-    lo, hi = 0.0, 0.99
+    lo, hi = 0.0, max_ratio(model, cfg, num_classes)[0] or 0.0
     for _ in range(14):
         mid = (lo + hi) / 2
         trial = prune_model(copy.deepcopy(model), cfg, input_shape, num_classes, mid)
@@ -110,28 +142,35 @@ def check_rebuild(rebuilt, pruned, input_shape, where):
 
 
 def _plan(cfg, inputs, build):
-    """A trial prune of the skeleton with the stage's settings, a forward, and a rebuild
-    from the recorded shapes: what `run` will need, proven in seconds."""
-    model = plan_student(cfg, inputs, build)
+    """Check on the input's skeleton what `run` would fail on after training: the `ignore`
+    paths exist, the ratio leaves every layer a channel, a MACs target is reachable, and a
+    trial prune with the stage's settings runs on torch-pruning's graph, still maps a batch
+    to logits and rebuilds bit-exactly from the recorded shapes. Returns the pruned skeleton."""
+    skel = plan_student(cfg, inputs, build)
     shape, ncls = build.input_shape, build.num_classes
     where = f"stages.{cfg.name}"
-    original = copy.deepcopy(model)
-    # target_macs: MACs shrink about (1 - r)^2, so this ratio is near what run will find.
-    ratio = cfg.ratio if cfg.ratio is not None else 1 - cfg.target_macs ** 0.5
+    for i, p in enumerate(cfg.ignore):
+        resolve(skel, p, f"{where}.ignore[{i}]")
+    original = copy.deepcopy(skel)
     try:
-        prune_model(model, cfg, shape, ncls, ratio)
-        out = model.eval()(torch.zeros(2, *shape))
+        if cfg.ratio is not None:
+            check_ratio(skel, cfg, ncls, cfg.ratio, "ratio")
+            ratio = cfg.ratio
+        else:
+            ratio = ratio_for_macs(copy.deepcopy(skel).eval(), cfg, shape, ncls, cfg.target_macs)
+        prune_model(skel, cfg, shape, ncls, ratio)
+        out = skel.eval()(torch.zeros(2, *shape))
         if tuple(out.shape) != (2, ncls):
             raise ValueError(f"the pruned model maps a batch of 2 to logits of shape {tuple(out.shape)}")
-    except CompressError as e:
-        raise CompressError(f"{where}.{e}" if str(e).startswith("ignore:") else f"{where}: {e}") from None
+    except CompressError:
+        raise
     except Exception as e:  # noqa: BLE001 - torch-pruning errors become one line
         raise CompressError(f"{where}: torch-pruning cannot prune this model: {type(e).__name__}: "
                             f"{(str(e).strip().splitlines() or [''])[0][:160]}") from None
     with torch.no_grad():
-        rebuilt = apply_layer_shapes(copy.deepcopy(original), layer_shapes(model))
-    check_rebuild(rebuilt, model, shape, where)
-    return model
+        rebuilt = apply_layer_shapes(copy.deepcopy(original), layer_shapes(skel))
+    check_rebuild(rebuilt, skel, shape, where)
+    return skel
 
 
 @register("prune", PruneStage, _plan)
@@ -145,6 +184,8 @@ def run(cfg, ctx):
     shape, ncls = ctx.data.input_shape, ctx.data.num_classes
     before = layer_shapes(model)
     params0, macs0 = model_cost(model, shape)
+    if cfg.ratio is not None:
+        check_ratio(model, cfg, ncls, cfg.ratio, "ratio")
     ratio = cfg.ratio if cfg.ratio is not None else ratio_for_macs(model, cfg, shape, ncls, cfg.target_macs)
     try:
         prune_model(model, cfg, shape, ncls, ratio)

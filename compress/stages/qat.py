@@ -3,7 +3,9 @@
 BatchNorm is folded (simulated while its statistics still update), weights are fake-
 quantized per channel (symmetric), activations per tensor (uint8, EMA observers). The
 phase schedule freezes BN statistics, then the observers, so the last epochs train
-against the exact integer grid that the ONNX file will use.
+against the exact integer grid that the ONNX file will use. ``backend`` picks the
+implementation (``compress.quant``): eager modules for plain Sequential stacks, torchao
+PT2E for any graph ``torch.export`` captures; ``auto`` chooses per model.
 """
 
 import copy
@@ -11,19 +13,20 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights
+from ..config import StageSpec, TeacherRef, TrainingSpec, check_teacher_weights, stage_ref
 from ..data import iterate
 from ..engine import fit
 from ..losses import term_spec_type
 from ..losses.ce import CESpec
-from ..quant import QuantSpec, calibrate, quantize_model, set_qat_phase
+from ..errors import CompressError
+from ..quant import QuantSpec, backend_of, calibrate, quantize_model, set_qat_phase
 from . import StageResult, describe, prepare, register
 from .distill import build_objective
 
 
 class QATStage(StageSpec, TrainingSpec):
     kind: Literal["qat"] = "qat"
-    from_: str = Field(alias="from")
+    from_: stage_ref(float_model=True) = Field(alias="from", description="earlier stage with a float model")
     teacher: Optional[TeacherRef] = None
     teacher_weights: Optional[list[float]] = None
     loss: list[term_spec_type()] = Field([CESpec()], min_length=1)
@@ -32,6 +35,8 @@ class QATStage(StageSpec, TrainingSpec):
     calibration_batches: int = Field(8, ge=1, description="batches that set the observers before training")
     freeze_bn_epoch: int = Field(1, ge=0, description="epoch from which BN statistics are frozen")
     freeze_observers_epoch: int = Field(1, ge=0, description="epoch from which activation ranges are frozen")
+    backend: Literal["auto", "eager", "pt2e"] = Field(
+        "auto", description="eager: own modules, plain Sequential stacks; pt2e: torchao, any capturable graph")
 
     @model_validator(mode="after")
     def _check(self):
@@ -48,14 +53,35 @@ class QATStage(StageSpec, TrainingSpec):
 
     @property
     def quant(self):
-        return QuantSpec(weight_bits=self.weight_bits, act_bits=self.act_bits)
+        return QuantSpec(weight_bits=self.weight_bits, act_bits=self.act_bits, backend=self.backend)
+
+
+def quantize_for(cfg, model, input_shape):
+    """`model` prepared for QAT as `cfg` asks; one-line CompressError naming the stage
+    when it cannot be (e.g. torch.export cannot capture it)."""
+    from ..losses import LOSSES
+
+    try:
+        q = quantize_model(model, cfg.quant, input_shape)
+    except CompressError as e:
+        raise CompressError(f"stages.{cfg.name}: {e}") from None
+    if backend_of(q) == "pt2e":
+        for j, t in enumerate(cfg.loss):
+            if LOSSES[t.term](t).student_layers():
+                raise CompressError(
+                    f"stages.{cfg.name}.loss[{j}]: term '{t.term}' taps the student's layers, but a model "
+                    "quantized by the pt2e backend is a captured graph without module paths; use logit "
+                    "terms (ce, kd, dkd, ...) in this stage")
+    return q
 
 
 def _plan(cfg, inputs, build):
-    return quantize_model(copy.deepcopy(inputs[cfg.from_]), cfg.quant)
+    # Captures and prepares the skeleton: a model that cannot be quantized fails here, in
+    # seconds, not after the stages before it have trained.
+    return quantize_for(cfg, copy.deepcopy(inputs[cfg.from_]), build.input_shape)
 
 
-@register("qat", QATStage, _plan)
+@register("qat", QATStage, _plan, quantizes=True)
 def run(cfg, ctx):
     """Fine-tune stage `from`'s model with fake quantization.
 
@@ -63,7 +89,7 @@ def run(cfg, ctx):
     """
     src = ctx.results[cfg.from_]
     float_model = copy.deepcopy(src.get_model()).float().cpu()
-    qmodel = prepare(quantize_model(float_model, cfg.quant), ctx)
+    qmodel = prepare(quantize_for(cfg, float_model, ctx.data.input_shape), ctx)
     calib = iterate(ctx.data.train, ctx.data, cfg.batch_size, channels_last=True)
     calibrate(qmodel, (b.x for _, b in zip(range(cfg.calibration_batches), calib)))
     objective = build_objective(cfg, qmodel, ctx)
@@ -74,6 +100,9 @@ def run(cfg, ctx):
 
     history = fit(qmodel, objective, cfg, ctx, name=cfg.name, on_epoch_start=phase)
     set_qat_phase(qmodel, observers=False, bn_stats=False)
-    spec = {**copy.deepcopy(src.spec), "quant": {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits}}
+    quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "backend": backend_of(qmodel)}
+    if quant["backend"] == "pt2e":  # the graph is captured with an example of this shape
+        quant["input_shape"] = list(ctx.data.input_shape)
+    spec = {**copy.deepcopy(src.spec), "quant": quant}
     return StageResult(spec=spec, model=qmodel, metrics=describe(qmodel, ctx, cost_model=float_model),
                        info={"history": history})

@@ -4,7 +4,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import StageSpec, TrainingSpec
+from ..config import MODEL_REF, StageSpec, TrainingSpec, stage_ref
 from ..engine import fit
 from ..losses import Objective
 from ..losses.ce import CESpec
@@ -14,8 +14,8 @@ from . import StageResult, describe, input_model, plan_student, prepare, registe
 
 class TrainStage(StageSpec, TrainingSpec):
     kind: Literal["train"] = "train"
-    model: Optional[str] = Field(None, description="models entry to build and train from scratch")
-    from_: Optional[str] = Field(None, alias="from", description="earlier stage whose model to keep training")
+    model: Optional[MODEL_REF] = Field(None, description="models entry to build and train from scratch")
+    from_: Optional[stage_ref()] = Field(None, alias="from", description="earlier stage whose model to keep training")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -1,0 +1,469 @@
+"""INT8 quantization-aware training of any graph ``torch.export`` can capture (residual
+adds, depthwise convs, ReLU6, average pools), with torchao's PT2E flow.
+
+What comes from torchao: graph capture (``torch.export``), observer/fake-quant insertion
+(``prepare_qat_pt2e``) including its simulated conv-BN fold, the fake-quant and observer
+modules, train/eval switching of exported graphs and the conversion to a Q/DQ graph
+(``convert_pt2e``). What is our own, and why:
+
+- ``make_quantizer``: the library's quantizers do not produce the graph onnxruntime
+  fuses into integer kernels on CPUs (the XNNPACK one uses int8 activations and leaves
+  adds float, the X86 one fuses conv+add into a float op; see FINDINGS). Ours annotates
+  our scheme -- uint8 per-tensor activations, per-channel symmetric weights (7 bits by
+  default) -- on conv[-bn][-relu/relu6], linear[-relu], add[-relu], averaging pools and
+  value-preserving ops (max-pool, flatten, dropout, cat) that share their input's grid.
+- ``fold_bn``: convert_pt2e folds BN by matching ~96 captured pattern graphs (38-123 s on
+  the project's CPU, for any model). In eval mode the prepared conv-BN subgraph computes
+  ``conv(x, fq(w * f)) / f + b -> BN(running stats)`` with ``f = gamma / sqrt(var + eps)``,
+  which equals ``conv(x, fq(w * f)) + beta + (b - mean) * f``. Rewriting those few nodes
+  in place leaves the weight path (``w * f -> fake quant``) untouched, so the INT8 weights
+  are bit-identical to what the fake-quant model used, and convert_pt2e then finds no BN
+  and skips its pattern matching (measured in README).
+- ``PT2EModel``: exported graphs raise on ``.train()``/``.eval()``; the wrapper calls
+  torchao's ``move_exported_model_to_train/eval`` and re-applies the phase flags (frozen
+  BN statistics, frozen activation observers) that moving to train would undo, so the
+  one training loop uses it unchanged.
+"""
+
+import contextlib
+import copy
+import io
+import itertools
+import logging
+import warnings
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+
+from ..errors import CompressError
+
+_ATEN = torch.ops.aten
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence what torch.export and torchao print while capturing (graph dumps of a
+    failed capture, deprecation notes): the user gets one line from us instead."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._dynamo", "torch.fx",
+                                               "torch.fx.experimental.symbolic_shapes",
+                                               "torch.utils._pytree", "torchao")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _torchao():
+    """torchao's PT2E modules, imported on first use (importing torchao takes ~2 s)."""
+    try:
+        with _quiet():   # torchao's import warns about a torch.compile registration
+            import torchao.quantization.pt2e as pt2e
+            import torchao.quantization.pt2e.quantize_pt2e as qpt2e
+            from torchao.quantization.pt2e.quantizer import quantizer as qz
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise CompressError(f"the pt2e quantization backend needs torchao ({e})") from None
+    _cache_pattern_graphs()
+    return pt2e, qpt2e, qz
+
+
+_PATTERNS: dict = {}
+
+
+def _pattern_key(pattern, example_inputs, is_cuda, kwargs):
+    """What a captured pattern graph depends on: the pattern function's code, closure and
+    defaults, and the example inputs' shapes and dtypes. None when something is not
+    hashable (then the pattern is captured as usual)."""
+    fn = getattr(pattern, "fn", pattern)   # torchao wraps pattern functions in WrapperModule
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+
+    def desc(v):
+        return ("tensor", tuple(v.shape), v.dtype) if isinstance(v, Tensor) else v
+
+    key = (code, tuple(c.cell_contents for c in fn.__closure__ or ()), fn.__defaults__,
+           tuple(desc(v) for v in example_inputs), bool(is_cuda),
+           tuple(sorted((k, desc(v)) for k, v in kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _cache_pattern_graphs():
+    """Capture each torchao pattern graph once per process.
+
+    ``prepare_qat_pt2e`` and every ``move_exported_model_to_train/eval`` capture small
+    pattern functions with ``torch.export`` (12 captures in prepare, 4 per mode switch;
+    measured 0.4-0.8 s each on the project's CPU), whatever the model. The captures depend
+    only on the pattern function and the example shapes, so we keep them and hand out
+    copies. This wraps a private torchao function, hence the exact version pin."""
+    import torchao.quantization.pt2e.qat_utils as qat_utils
+    import torchao.quantization.pt2e.utils as utils
+
+    if getattr(utils._get_aten_graph_module_for_pattern, "_compress_cached", False):
+        return
+    capture_pattern = utils._get_aten_graph_module_for_pattern
+
+    def cached(pattern, example_inputs, is_cuda=False, **kwargs):
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return capture_pattern(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERNS:
+            _PATTERNS[key] = capture_pattern(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERNS[key])
+
+    cached._compress_cached = True
+    utils._get_aten_graph_module_for_pattern = cached       # export_utils imports it per call
+    qat_utils._get_aten_graph_module_for_pattern = cached   # qat_utils imported it by name
+
+
+# ---- the quantizer ------------------------------------------------------------------------
+
+_CONVS = (_ATEN.conv2d.default, _ATEN.conv1d.default)
+_LINEARS = (_ATEN.linear.default,)
+_BNS = (_ATEN.batch_norm.default, _ATEN._native_batch_norm_legit.default,
+        _ATEN._native_batch_norm_legit_no_training.default, _ATEN.cudnn_batch_norm.default)
+_ADDS = (_ATEN.add.Tensor, _ATEN.add_.Tensor)
+# Activations whose output lower bound is 0, so the uint8 range makes them free in ONNX
+# (onnxruntime folds a Relu/Clip into the following QuantizeLinear).
+_RELUS = (_ATEN.relu.default, _ATEN.relu_.default, _ATEN.hardtanh.default,
+          _ATEN.hardtanh_.default, _ATEN.clamp.default, _ATEN.clamp_.default)
+# Averaging leaves the grid: a fresh activation quantizer follows.
+_AVERAGING = (_ATEN.adaptive_avg_pool2d.default, _ATEN.avg_pool2d.default, _ATEN.mean.dim)
+# Value-preserving: the output stays on the input's grid and shares its quantizer.
+_PASSTHROUGH = (_ATEN.max_pool2d.default, _ATEN.flatten.using_ints, _ATEN.view.default,
+                _ATEN.reshape.default, _ATEN.dropout.default, _ATEN.dropout_.default,
+                _ATEN.squeeze.dim, _ATEN.squeeze.dims)
+
+
+def _relu_like(n: Node) -> bool:
+    if n.op != "call_function" or n.target not in _RELUS:
+        return False
+    if n.target in (_ATEN.relu.default, _ATEN.relu_.default):
+        return True
+    low = n.args[1] if len(n.args) > 1 else n.kwargs.get("min_val", n.kwargs.get("min", -1.0))
+    return isinstance(low, (int, float)) and low >= 0  # ReLU6 = hardtanh(0, 6)
+
+
+def _only_user(n: Node) -> Node | None:
+    users = list(n.users)
+    return users[0] if len(users) == 1 else None
+
+
+def make_quantizer(spec):
+    """A torchao ``Quantizer`` annotating a captured graph with our scheme for `spec`
+    (weight_bits, act_bits, ema of ``QuantSpec``); see the module docstring.
+
+    Defined here, not at import, so that torchao is imported only when used."""
+    pt2e, _, qz = _torchao()
+    act = qz.QuantizationSpec(
+        dtype=torch.uint8, quant_min=0, quant_max=2**spec.act_bits - 1,
+        qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
+            observer=pt2e.MovingAverageMinMaxObserver, averaging_constant=spec.ema))
+    qmax = 2 ** (spec.weight_bits - 1) - 1
+    # The non-fused FakeQuantize: the fused kernel of torchao 0.18 scales by amax/(qmax+0.5)
+    # while convert uses amax/qmax (up to 2% top-1 disagreement measured, see FINDINGS).
+    # averaging_constant=1: the scale follows the current weights exactly, as in eager QAT.
+    weight = qz.QuantizationSpec(
+        dtype=torch.int8, quant_min=-qmax, quant_max=qmax, qscheme=torch.per_channel_symmetric,
+        ch_axis=0, observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
+            observer=pt2e.MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0))
+
+    class CompressQuantizer(qz.Quantizer):
+        def annotate(self, gm: GraphModule) -> GraphModule:
+            for n in gm.graph.nodes:
+                if n.op != "call_function" or _annotated(n):
+                    continue
+                if n.target in _CONVS or n.target in _LINEARS:
+                    x, w = n.args[0], n.args[1]
+                    tail = [n]
+                    nxt = _only_user(n)
+                    if n.target in _CONVS and nxt is not None and nxt.target in _BNS:
+                        tail.append(nxt)
+                        nxt = _only_user(nxt)
+                    if nxt is not None and _relu_like(nxt):
+                        tail.append(nxt)
+                    _annotate(n, {x: act, w: weight}, None)
+                    _annotate(tail[-1], None, act, extra=tail[1:-1])
+                elif n.target in _ADDS and all(isinstance(a, Node) for a in n.args[:2]):
+                    nxt = _only_user(n)
+                    tail = [n, nxt] if nxt is not None and _relu_like(nxt) else [n]
+                    _annotate(n, {n.args[0]: act, n.args[1]: act}, None)
+                    _annotate(tail[-1], None, act)
+                elif n.target in _AVERAGING:
+                    _annotate(n, {n.args[0]: act}, act)
+                elif n.target in _PASSTHROUGH and isinstance(n.args[0], Node):
+                    _annotate(n, {n.args[0]: act}, qz.SharedQuantizationSpec((n.args[0], n)))
+                elif n.target == _ATEN.cat.default:
+                    first, *rest = n.args[0]
+                    shared = qz.SharedQuantizationSpec((first, n))
+                    _annotate(n, {first: act, **{r: shared for r in rest}}, shared)
+            return gm
+
+        def validate(self, gm: GraphModule) -> None:
+            pass
+
+    def _annotated(n):
+        a = n.meta.get("quantization_annotation")
+        return a is not None and a._annotated
+
+    def _annotate(n, inputs, output, extra=()):
+        a = n.meta.get("quantization_annotation") or qz.QuantizationAnnotation()
+        if inputs:
+            a.input_qspec_map = {**a.input_qspec_map, **inputs}
+        if output is not None:
+            a.output_qspec = output
+        a._annotated = True
+        n.meta["quantization_annotation"] = a
+        for m in extra:  # fused members (a BN between conv and ReLU): no observer of their own
+            b = m.meta.get("quantization_annotation") or qz.QuantizationAnnotation()
+            b._annotated = True
+            m.meta["quantization_annotation"] = b
+
+    return CompressQuantizer()
+
+
+# ---- capture and prepare ----------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:240]
+
+
+def capture(model: nn.Module, input_shape) -> GraphModule:
+    """``torch.export`` of `model` in training mode (BN on batch statistics, as QAT needs)
+    with a dynamic batch axis; CompressError with the exporter's reason if it cannot."""
+    m = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).train()
+    # Batch 2: torch.export specializes a dimension whose example size is 0 or 1.
+    example = torch.rand(2, *input_shape)
+    try:
+        with _quiet():
+            return torch.export.export(m, (example,),
+                                       dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    except Exception as e:  # the exporter raises many types; the user needs one line
+        raise CompressError(f"cannot quantize the model ({type(model).__name__}): torch.export "
+                            f"cannot capture it ({_one_line(e)})") from None
+
+
+def _weight_fq(m: nn.Module) -> bool:
+    return m.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+
+
+class PT2EModel(nn.Module):
+    """A PT2E-prepared graph behind an ``nn.Module`` whose ``train()``/``eval()`` work:
+    they move the graph between modes with torchao's functions (BN batch statistics and
+    dropout) and re-apply the QAT phase. Activation observers update only in training
+    mode with ``observing`` on (as the eager backend's), BN statistics only in training
+    mode with ``bn_frozen`` off. Both flags are buffers, so they travel in the state_dict.
+    """
+
+    def __init__(self, gm: GraphModule, spec, input_shape):
+        super().__init__()
+        self.gm = gm
+        self.spec = spec
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.register_buffer("observing", torch.tensor(True))
+        self.register_buffer("bn_frozen", torch.tensor(False))
+        self._gm_training = True      # the graph was captured and prepared in train mode
+        self.training = True
+
+    def fake_quants(self):
+        pt2e, _, _ = _torchao()
+        return [m for m in self.gm.modules() if isinstance(m, pt2e.FakeQuantize)]
+
+    def train(self, mode: bool = True):
+        pt2e, _, _ = _torchao()
+        if mode != self._gm_training:
+            (pt2e.move_exported_model_to_train if mode else pt2e.move_exported_model_to_eval)(self.gm)
+            self._gm_training = mode
+        self.training = mode
+        self._apply_phase()
+        return self
+
+    def _apply_phase(self):
+        """Observers and BN statistics as the mode and the phase flags say."""
+        observe = self.training and bool(self.observing)
+        for fq in self.fake_quants():
+            # Weight scales follow the weights (as in eager QAT); activation ranges move
+            # only while observing.
+            fq.enable_observer(True if _weight_fq(fq) else observe)
+        if self.training and bool(self.bn_frozen):
+            changed = False
+            for n in self.gm.graph.nodes:
+                if n.op == "call_function" and n.target == _ATEN.batch_norm.default and n.args[5]:
+                    n.args = (*n.args[:5], False, *n.args[6:])
+                    changed = True
+            if changed:
+                self.gm.recompile()
+
+    def set_phase(self, *, observers: bool, bn_stats: bool):
+        was_frozen = bool(self.bn_frozen)
+        self.observing.fill_(observers)
+        self.bn_frozen.fill_(not bn_stats)
+        if bn_stats and was_frozen and self._gm_training:
+            # Un-freezing BN in training mode: torchao puts the batch-statistics pattern back.
+            pt2e, _, _ = _torchao()
+            pt2e.move_exported_model_to_eval(self.gm)
+            pt2e.move_exported_model_to_train(self.gm)
+        self._apply_phase()
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Quantization is simulated in fp32 (under bf16 autocast the rounding grid itself
+        # would be coarser than the int8 grid being simulated).
+        with torch.autocast(x.device.type, enabled=False):
+            return self.gm(x.float())
+
+
+def _reapply_after_load(module, incompatible_keys):
+    module._apply_phase()
+
+
+def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
+    """Capture `model` (left untouched) and prepare it for QAT with ``CompressQuantizer``.
+
+    >>> q = quantize_model(tiny_resnet, QuantSpec(backend="pt2e"), (1, 28, 28))  # doctest: +SKIP
+    """
+    _, qpt2e, _ = _torchao()
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    gm = capture(model, input_shape)
+    try:
+        with _quiet():
+            prepared = qpt2e.prepare_qat_pt2e(gm, make_quantizer(spec))
+    except CompressError:
+        raise
+    except Exception as e:
+        raise CompressError(f"cannot quantize the model ({type(model).__name__}): PT2E "
+                            f"preparation failed ({_one_line(e)})") from None
+    q = PT2EModel(prepared, spec, input_shape)
+    q.register_load_state_dict_post_hook(_reapply_after_load)
+    q.to(device)
+    return q.train(model.training)
+
+
+@torch.no_grad()
+def calibrate(q: PT2EModel, batches: Iterable[Tensor]) -> None:
+    """Post-training calibration: BN in eval (folded weights), every activation range set
+    to the mean of the batches' min/max. Mode and phase flags are restored."""
+    was_training = q.training
+    acts = [fq for fq in q.fake_quants() if not _weight_fq(fq)]
+    ema = [fq.activation_post_process.averaging_constant for fq in acts]
+    q.eval()
+    for fq in q.fake_quants():
+        fq.enable_observer(True)
+    try:
+        device = next(itertools.chain(q.parameters(), q.buffers())).device
+        for k, x in enumerate(batches):
+            for fq in acts:
+                fq.activation_post_process.averaging_constant = 1.0 / (k + 1)
+            q(x.to(device))
+    finally:
+        for fq, e in zip(acts, ema):
+            fq.activation_post_process.averaging_constant = e
+        q.train(was_training)
+
+
+# ---- conversion -------------------------------------------------------------------------
+
+
+def _arg(n: Node, i: int, name: str, default=None):
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def fold_bn(gm: GraphModule) -> int:
+    """Rewrite every eval-mode conv-BN subgraph of a prepared (QAT) graph into one conv
+    with the folded bias (see the module docstring); returns how many were folded.
+
+    The graph must be in eval mode (BN on running statistics, ``training=False``)."""
+    graph, count = gm.graph, 0
+    for bn in list(graph.nodes):
+        if bn.op != "call_function" or bn.target != _ATEN.batch_norm.default:
+            continue
+        if _arg(bn, 5, "training"):
+            raise CompressError("fold_bn: the graph is in training mode; move it to eval first")
+        x, gamma, beta, mean, var = bn.args[:5]
+        eps = _arg(bn, 7, "eps", 1e-5)
+        # bn input: [add(conv_bias)] <- div(conv, f)
+        y, conv_bias = x, None
+        if y.target in _ADDS:
+            y, conv_bias = y.args[0], y.args[1]
+            conv_bias = conv_bias.args[0] if conv_bias.target in (_ATEN.reshape.default, _ATEN.view.default) else conv_bias
+        if y.target != _ATEN.div.Tensor or y.args[0].target not in _CONVS:
+            continue  # a BN that is not the second half of a QAT conv-BN pair stays as it is
+        conv = y.args[0]
+        with graph.inserting_before(conv):
+            std = graph.call_function(_ATEN.sqrt.default, (graph.call_function(_ATEN.add.Tensor, (var, eps)),))
+            f = graph.call_function(_ATEN.div.Tensor, (gamma, std))
+            b0 = conv_bias if conv_bias is not None else graph.call_function(_ATEN.zeros_like.default, (mean,))
+            shifted = graph.call_function(_ATEN.mul.Tensor, (graph.call_function(_ATEN.sub.Tensor, (b0, mean)), f))
+            bias = graph.call_function(_ATEN.add.Tensor, (beta, shifted))
+        conv.args = (conv.args[0], conv.args[1], bias, *conv.args[3:])
+        out = bn
+        if bn.target != _ATEN.batch_norm.default:  # tuple-returning variants
+            out = next(iter(bn.users))
+        out.replace_all_uses_with(conv)
+        count += 1
+    for n in list(graph.nodes):  # BN's step counter: meaningless once folded
+        if (n.op == "call_function" and n.target == _ATEN.add_.Tensor and not n.users
+                and n.args[0].op == "get_attr" and n.args[0].target.endswith("num_batches_tracked")):
+            graph.erase_node(n)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return count
+
+
+class Int8Graph(nn.Module):
+    """The converted (Q/DQ) graph of a ``PT2EModel``: eval-only, float logits. Its ONNX
+    export is a standard QDQ graph (int8 weight initializers, uint8 activations)."""
+
+    def __init__(self, gm: GraphModule):
+        super().__init__()
+        self.gm = gm
+        self.training = False
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise CompressError("an INT8 graph is for inference only")
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gm(x)
+
+
+def to_int8_module(q: PT2EModel) -> Int8Graph:
+    """Fold BN (``fold_bn``) in an eval-mode copy of `q` and convert it with torchao's
+    ``convert_pt2e`` into a graph of int8 weights and quantize/dequantize ops."""
+    pt2e, qpt2e, _ = _torchao()
+    if not isinstance(q, PT2EModel):
+        raise CompressError(f"to_int8_module needs a model made by quantize_model, got {type(q).__name__}")
+    for fq in q.fake_quants():
+        if not _weight_fq(fq) and not torch.isfinite(fq.activation_post_process.min_val).all():
+            raise CompressError("an activation quantizer never observed data: run QAT or "
+                                "calibrate() before converting to INT8")
+    gm = copy.deepcopy(q.gm)
+    pt2e.move_exported_model_to_eval(gm)
+    fqs = [m for m in gm.modules() if isinstance(m, pt2e.FakeQuantize)]
+    for m in fqs:
+        m.enable_observer(_weight_fq(m))
+    # Weight scales are those of the last forward, which may predate an optimizer step;
+    # one forward refreshes them to the current weights, as the eval fake-quant model uses.
+    device = next(itertools.chain(gm.parameters(), gm.buffers())).device
+    with torch.no_grad():
+        gm(torch.zeros(2, *q.input_shape, device=device))
+    for m in fqs:
+        m.disable_observer()
+    fold_bn(gm)
+    converted = qpt2e.convert_pt2e(gm)
+    return Int8Graph(converted).requires_grad_(False)

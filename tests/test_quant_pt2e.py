@@ -1,0 +1,356 @@
+"""Graph-mode QAT (compress/quant/pt2e.py): residual and depthwise networks, pruned with
+torch-pruning, trained, converted, exported and run in onnxruntime; dispatch between the
+backends; checkpoints; validate refusing what torch.export cannot capture."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.config import parse_recipe
+from compress.errors import CompressError
+from compress.models import MODELS, VGG, layer_shapes
+from compress.onnx_io import check_int8_agreement, check_int8_kernels, export_onnx
+from compress.pipeline import run_recipe, validate_recipe
+from compress.quant import (QuantSpec, backend_of, calibrate, is_quantized, quantize_model,
+                            set_qat_phase, to_int8_module)
+from compress.quant.pt2e import PT2EModel
+
+
+class BasicBlock(nn.Module):
+    """He et al. 2016's CIFAR block: two 3x3 conv-BN, identity or 1x1 shortcut, add, ReLU."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, in_channels=1, num_classes=10, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = BasicBlock(width, width, 1)
+        self.layer2 = BasicBlock(width, 2 * width, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def tiny_mobilenet(num_classes=10):
+    """torchvision's MobileNetV2 (inverted residuals, depthwise convs, ReLU6) at width
+    0.25 with three short stages."""
+    return torchvision.models.mobilenet_v2(
+        num_classes=num_classes, width_mult=0.25,
+        inverted_residual_setting=[[1, 8, 1, 1], [6, 8, 2, 2], [6, 16, 1, 1]])
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.export cannot capture it."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean() > 0:
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+def prune(model, shape, ignore):
+    torch.manual_seed(0)
+    pruner = tp.pruner.BasePruner(model, torch.rand(1, *shape),
+                                  importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=0.5, ignored_layers=[ignore(model)])
+    pruner.step()
+    return model
+
+
+def perturb_bn(model):
+    """Non-trivial BN statistics and affine parameters, so folding is exercised."""
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+    return model
+
+
+CASES = {
+    # name: (factory, input shape, the layer pruning must keep whole, residual adds)
+    "resnet": (lambda: TinyResNet(), (1, 16, 16), lambda m: m.fc,
+               lambda m: sum(isinstance(b, BasicBlock) for b in m.modules())),
+    "mobilenetv2": (tiny_mobilenet, (3, 16, 16), lambda m: m.classifier[1],
+                    lambda m: sum(getattr(b, "use_res_connect", False) for b in m.modules())),
+}
+
+
+def images(shape, n, seed):
+    return torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    """A pruned model taken through QAT (a few steps, channels_last) to an INT8 ONNX file."""
+    name = request.param
+    factory, shape, ignore, adds = CASES[name]
+    torch.manual_seed(0)
+    float_model = perturb_bn(prune(factory(), shape, ignore))
+    timings = {}
+    t0 = time.perf_counter()
+    q = quantize_model(float_model, QuantSpec(), shape)
+    timings["prepare"] = time.perf_counter() - t0
+    calibrate(q, [images(shape, 32, 1)])
+    q = q.to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    opt = torch.optim.SGD(q.parameters(), lr=0.02, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    for step in range(4):
+        if step == 2:  # the last steps train on the frozen integer grid, as the qat stage does
+            set_qat_phase(q, observers=False, bn_stats=False)
+        q.train()
+        x = torch.rand(16, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+        loss = F.cross_entropy(q(x), torch.randint(0, 10, (16,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    q.eval()
+    t0 = time.perf_counter()
+    int8 = to_int8_module(q)
+    timings["convert"] = time.perf_counter() - t0
+    path = tmp_path_factory.mktemp(name) / f"{name}-int8.onnx"
+    export_onnx(int8, path, input_shape=shape, mean=[0.5] * shape[0], std=[0.25] * shape[0],
+                metadata={"recipe": "test"})
+    return {"name": name, "float": float_model, "q": q, "int8": int8, "path": path, "shape": shape,
+            "before": before, "adds": adds, "timings": timings}
+
+
+def test_pt2e_chosen_for_graphs_eager_for_vgg(case):
+    assert isinstance(case["q"], PT2EModel) and backend_of(case["q"]) == "pt2e"
+    assert is_quantized(case["q"]) and not is_quantized(case["float"])
+    vgg = quantize_model(VGG([8, "M", 16], in_channels=1), QuantSpec(), (1, 16, 16))
+    assert backend_of(vgg) == "eager"
+    with pytest.raises(CompressError, match="cannot quantize"):
+        quantize_model(case["float"], QuantSpec(backend="eager"), case["shape"])
+    with pytest.raises(CompressError, match="already quantized"):
+        quantize_model(case["q"], QuantSpec(), case["shape"])
+
+
+def test_training_moved_weights_and_froze_phases(case):
+    q, before = case["q"], case["before"]
+    after = q.state_dict()
+    weights = [k for k in before if k.endswith("weight") and "activation_post_process" not in k]
+    assert weights and any(not torch.equal(before[k], after[k]) for k in weights)
+    assert not bool(q.observing) and bool(q.bn_frozen)
+    # Frozen phases: a training step moves neither BN statistics nor activation ranges.
+    stats = {k: v.clone() for k, v in after.items() if "running_" in k or k.endswith(("min_val", "max_val"))}
+    acts = [k for k in stats if k.endswith("min_val") and after[k].numel() == 1]
+    assert acts
+    q.train()
+    q(images(case["shape"], 8, 5)).sum().backward()
+    q.zero_grad()
+    q.eval()
+    now = q.state_dict()
+    assert all(torch.equal(v, now[k]) for k, v in stats.items() if k in acts or "running_" in k)
+
+
+def test_eval_does_not_observe_even_while_observing(case):
+    q = case["q"]
+    set_qat_phase(q, observers=True, bn_stats=False)
+    try:
+        q.eval()
+        # activation ranges (per tensor); weight scales follow the weights, as in eager QAT
+        ranges = {k: v.clone() for k, v in q.state_dict().items()
+                  if k.endswith(("min_val", "max_val")) and v.numel() == 1}
+        assert ranges
+        with torch.no_grad():
+            q(images(case["shape"], 8, 6) * 5)  # far outside the calibrated range
+        assert all(torch.equal(v, q.state_dict()[k]) for k, v in ranges.items())
+    finally:
+        set_qat_phase(q, observers=False, bn_stats=False)
+        q.eval()
+
+
+def test_convert_is_cheap_and_matches_fake_quant(case):
+    # convert_pt2e's own BN folding took 38-123 s; folding first leaves it nothing to match.
+    assert case["timings"]["convert"] < 15
+    x = images(case["shape"], 64, 7)
+    with torch.no_grad():
+        ref = case["q"].eval()(x)
+        got = case["int8"](x)
+    # Folding reorders float operations, so a value lying on a rounding boundary of some
+    # activation grid may land one step apart; anything systematic (e.g. stale weight
+    # scales: 45% of the logits one step off) fails this.
+    diff = (got - ref).abs()
+    assert diff.gt(1e-4).float().mean() < 0.05 and diff.max() < 0.05, diff.max()
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_ort_runs_integer_kernels_for_every_conv_and_add(case):
+    ops = check_int8_kernels(case["path"])
+    convs = sum(isinstance(m, nn.Conv2d) for m in case["float"].modules())
+    assert ops["QLinearConv"] + ops.get("ConvInteger", 0) == convs
+    adds = case["adds"](case["float"])
+    assert adds >= 2 and ops.get("QLinearAdd", 0) == adds and ops["Add"] == 0
+    assert ops.get("QGemm", 0) == 1
+
+
+def test_int8_file_agrees_with_fake_quant(case):
+    agreement = check_int8_agreement(case["path"], case["q"], images(case["shape"], 256, 8))
+    assert agreement >= 0.99
+
+
+def test_check_int8_kernels_refuses_a_float_graph(tmp_path):
+    path = tmp_path / "fp32.onnx"
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    export_onnx(model, path, input_shape=(1, 8, 8), mean=[0.5], std=[0.25], metadata={})
+    with pytest.raises(CompressError, match="convolution.*in float"):
+        check_int8_kernels(path)
+
+
+@pytest.fixture
+def registered():
+    """Registers test architectures under temporary names; removed afterwards."""
+    added = []
+
+    def add(name, factory):
+        MODELS.register(name)(factory)
+        added.append(name)
+
+    yield add
+    for name in added:
+        MODELS.pop(name, None)
+
+
+def test_checkpoint_rebuilds_bit_exactly(case, registered, tmp_path):
+    factory = CASES[case["name"]][0]
+    registered(f"_test_{case['name']}", lambda **kw: factory())
+    q = case["q"]
+    spec = {"arch": f"_test_{case['name']}", "args": {}, "shapes": layer_shapes(case["float"]),
+            "quant": {"weight_bits": 7, "act_bits": 8, "backend": "pt2e", "input_shape": list(case["shape"])}}
+    save_checkpoint(tmp_path / "model.pt", spec, q)
+    _, rebuilt = load_checkpoint(tmp_path / "model.pt")   # torch.load(weights_only=True), strict
+    assert isinstance(rebuilt, PT2EModel)
+    assert bool(rebuilt.bn_frozen) and not bool(rebuilt.observing)
+    x = images(case["shape"], 16, 9)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), q.eval()(x))
+        assert torch.equal(to_int8_module(rebuilt)(x), case["int8"](x))
+
+
+# ---- validate ------------------------------------------------------------------------------
+
+
+def _recipe(tiny_recipe_dict, fmnist_root, stages):
+    d = dict(tiny_recipe_dict)
+    d["data"] = {**d["data"], "root": str(fmnist_root)}
+    d["models"] = {"teacher": {"arch": "_test_arch"}}
+    d["stages"] = [{"name": "teacher", "kind": "train", "model": "teacher", "epochs": 1}, *stages]
+    return parse_recipe(d)
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([{"name": "qat", "kind": "qat", "from": "teacher", "epochs": 1}],
+     r"^stages\.qat: cannot quantize the model \(Branchy\): torch\.export cannot capture it"),
+    ([{"name": "export", "kind": "export", "models": [{"model": "teacher", "format": "onnx-int8"}]}],
+     r"^stages\.export\.models\[0\]: onnx-int8 of stage 'teacher': cannot quantize the model \(Branchy\)"),
+])
+def test_validate_refuses_uncapturable_model_in_seconds(tiny_recipe_dict, fmnist_root, registered,
+                                                         stages, match, capfd):
+    registered("_test_arch", Branchy)
+    recipe = _recipe(tiny_recipe_dict, fmnist_root, stages)
+    t0 = time.perf_counter()
+    with pytest.raises(CompressError, match=match) as e:
+        validate_recipe(recipe)
+    assert time.perf_counter() - t0 < 30
+    assert "\n" not in str(e.value)
+    out = capfd.readouterr()
+    assert "def forward" not in out.err + out.out   # the exporter's graph dump stays quiet
+
+
+def test_validate_refuses_feature_taps_on_a_pt2e_qat_stage(tiny_recipe_dict, fmnist_root, registered):
+    registered("_test_arch", TinyResNet)
+    recipe = _recipe(tiny_recipe_dict, fmnist_root, [
+        {"name": "qat", "kind": "qat", "from": "teacher", "teacher": "teacher", "epochs": 1,
+         "loss": [{"term": "fitnet", "student_layer": "layer2", "teacher_layer": "layer2"}]}])
+    with pytest.raises(CompressError, match=r"stages\.qat\.loss\[0\]: term 'fitnet' taps the student's layers"):
+        validate_recipe(recipe)
+
+
+def test_cached_pattern_graphs_prepare_the_same_graph():
+    from compress.quant import pt2e
+
+    model = TinyResNet()
+    pt2e._PATTERNS.clear()
+    fresh = quantize_model(model, QuantSpec(), (1, 16, 16))      # captures every pattern
+    assert pt2e._PATTERNS
+    t0 = time.perf_counter()
+    cached = quantize_model(model, QuantSpec(), (1, 16, 16))     # copies of the stored captures
+    assert time.perf_counter() - t0 < 10
+    assert cached.gm.code == fresh.gm.code
+    x = images((1, 16, 16), 8, 10)
+    for mode in (True, False):
+        assert torch.equal(fresh.train(mode)(x), cached.train(mode)(x))
+
+
+@pytest.mark.slow
+def test_resnet_recipe_through_qat_and_int8_export(tiny_recipe_dict, registered, tmp_path):
+    """train -> prune -> distill -> qat -> export on a residual net, then the export again
+    from the stored (rebuilt) qat checkpoint."""
+    registered("_test_arch", TinyResNet)
+    d = dict(tiny_recipe_dict)
+    d["models"] = {"teacher": {"arch": "_test_arch"}}
+    d["stages"][-1] = {"name": "export", "kind": "export", "latency_runs": 2, "models": [
+        {"model": "teacher", "format": "onnx-fp32"}, {"model": "qat", "format": "onnx-int8"}]}
+    rep = run_recipe(parse_recipe(d), workdir=tmp_path, device="cpu")
+    st = {s["name"]: s for s in rep["stages"]}
+    assert st["prune"]["macs"] < 0.5 * st["teacher"]["macs"]
+    ex = {e["model"]: e for e in rep["exports"]}
+    assert ex["qat"]["check"]["top1_agreement"] >= 0.99
+    ops = ex["qat"]["check"]["ort_int8_ops"]
+    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["Add"] == 0
+    d["stages"][-1]["latency_runs"] = 3      # the export runs again, qat is loaded from disk
+    again = run_recipe(parse_recipe(d), workdir=tmp_path, device="cpu")
+    assert {s["name"]: s["reused"] for s in again["stages"]} == {
+        "teacher": True, "prune": True, "distill": True, "qat": True, "export": False}
+    assert {e["model"]: e["top1"] for e in again["exports"]} == {e["model"]: e["top1"] for e in rep["exports"]}
+
+
+def test_unfreezing_bn_restores_batch_statistics_and_int8_needs_calibration():
+    q = quantize_model(TinyResNet(), QuantSpec(), (1, 16, 16))
+    with pytest.raises(CompressError, match="never observed data"):
+        to_int8_module(q)
+    bn_training = lambda: [n.args[5] for n in q.gm.graph.nodes if n.target == torch.ops.aten.batch_norm.default]
+    q.train()
+    assert all(bn_training())
+    set_qat_phase(q, observers=True, bn_stats=False)
+    assert not any(bn_training())
+    q.eval()
+    q.train()          # moving to train re-enables batch statistics; the wrapper re-freezes
+    assert not any(bn_training())
+    set_qat_phase(q, observers=True, bn_stats=True)
+    assert all(bn_training())
