@@ -236,7 +236,6 @@ def test_train_prune_distill_with_a_feature_term_on_a_named_point(arch, tiny_rec
         pytest.importorskip("timm")
     tiny_recipe_dict["models"] = {"teacher": {"arch": arch, "args": tiny_args(arch)}}
     stages = tiny_recipe_dict["stages"][:3]
-    stages[1].update(round_to=2)
     stages[2]["loss"] = [{"term": "kd", "T": 4, "alpha": 0.9},
                          {"term": "fitnet", "student_layer": "stage2", "teacher_layer": "stage2"},
                          {"term": "rkd", "weight": 0.1}]          # on `penultimate` by default
