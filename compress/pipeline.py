@@ -299,7 +299,8 @@ def _reference(recipe):
 
 
 def validate_recipe(recipe, data=None):
-    """Check what can be checked without training: data, models, stage references and the
+    """Check what can be checked without training: data, models, stage references, what each
+    stage kind's plan proves on the skeleton (e.g. a trial prune) and the feature points and
     layer paths loss terms tap (resolved on each stage's model skeleton). Returns plan lines.
     `run` makes the same checks first, so a mistake costs no training."""
     data = data if data is not None else load_data(recipe.data)
@@ -308,7 +309,12 @@ def validate_recipe(recipe, data=None):
     build = PlanBuilder(recipe, tuple(shape), ncls)
     skeletons, lines = {}, []
     for i, s in enumerate(recipe.stages):
-        skel = STAGES[s.kind].plan(s, skeletons, build)
+        try:
+            skel = STAGES[s.kind].plan(s, skeletons, build)
+        except CompressError as e:   # one line that names the stage
+            msg = str(e)
+            named = msg.startswith(("stages.", "stages[", "models."))
+            raise CompressError(msg if named else f"stages.{s.name}: {msg}") from None
         if skel is not None:
             skeletons[s.name] = skel
         t_refs = [r for _, r in s.stage_refs("teacher")]

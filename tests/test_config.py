@@ -298,8 +298,10 @@ def test_cli_fitnet_unknown_layer(tiny_recipe_dict, tmp_path, no_fallback_data, 
     msg = cli_error(capsys, ["validate", str(write_recipe(tmp_path, tiny_recipe_dict))])
     assert msg.startswith("stages[2].loss[1].student_layer: no layer 'features.99'")
     valid = msg.split("valid: ", 1)[1].split(", ")
-    # cfg [8, M, 16]: conv-bn-relu, pool, conv-bn-relu = features.0..6, then the head
-    assert valid == ["features"] + [f"features.{i}" for i in range(7)] + ["pool", "flatten", "classifier"]
+    # the feature points, then the module paths. cfg [8, M, 16]: conv-bn-relu, pool,
+    # conv-bn-relu = features.0..6, then the head
+    assert valid == ["stage1", "stage2", "penultimate", "features"] + [f"features.{i}" for i in range(7)] + [
+        "pool", "flatten", "classifier"]
 
 
 def test_cli_fitnet_valid_layers_pass(tiny_recipe_dict, tmp_path, no_fallback_data, capsys):

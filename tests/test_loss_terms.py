@@ -307,14 +307,14 @@ def test_crd_bank_scores_paths_agree():
 
 def test_crd_memory_momentum_update_and_fixed_z():
     term = LOSSES["crd"](CRDSpec(feat_dim=4, nce_k=5))
-    term.setup({"flatten": (3,)}, {"flatten": (6,)}, TermInfo(num_samples=12))
+    term.setup({"penultimate": (3,)}, {"penultimate": (6,)}, TermInfo(num_samples=12))
     assert term.k == 5 and term.memory_s.shape == (12, 4)
     stdv = 1 / math.sqrt(4 / 3)
     assert term.memory_s.abs().max() <= stdv
     before_s, before_t = term.memory_s.clone(), term.memory_t.clone()
     fs, ft, idx = torch.randn(3, 3), torch.randn(3, 6), torch.tensor([2, 7, 11])
     term.train()
-    term(Outputs(None, {"flatten": fs}), Outputs(None, {"flatten": ft}), Batch(fs, None, idx))
+    term(Outputs(None, {"penultimate": fs}), Outputs(None, {"penultimate": ft}), Batch(fs, None, idx))
     z = term.z_s.item()
     assert z > 0 and term.z_t.item() > 0
     vs = torch.nn.functional.normalize(term.embed_s(fs), dim=1).detach()
@@ -323,7 +323,7 @@ def test_crd_memory_momentum_update_and_fixed_z():
     untouched = [i for i in range(12) if i not in (2, 7, 11)]
     assert torch.equal(term.memory_s[untouched], before_s[untouched])
     assert not torch.equal(term.memory_t[idx], before_t[idx])
-    term(Outputs(None, {"flatten": fs}), Outputs(None, {"flatten": ft}), Batch(fs, None, idx))
+    term(Outputs(None, {"penultimate": fs}), Outputs(None, {"penultimate": ft}), Batch(fs, None, idx))
     assert term.z_s.item() == z                          # Z is estimated once, on the first batch
 
 
@@ -392,7 +392,7 @@ def test_paper_defaults():
     at = ATSpec(student_layers=["a"], teacher_layers=["a"])
     assert (at.beta, at.p) == (1000.0, 2.0)
     crd = CRDSpec()
-    assert (crd.feat_dim, crd.nce_k, crd.nce_t, crd.nce_m, crd.student_layer) == (128, 4096, 0.07, 0.5, "flatten")
+    assert (crd.feat_dim, crd.nce_k, crd.nce_t, crd.nce_m, crd.student_layer) == (128, 4096, 0.07, 0.5, "penultimate")
     m = MBDSpec()
     assert (m.T, m.alpha, m.delta) == (4.0, 0.5, 0.2)
     assert LOSSES["rkd"].spec_cls().w_dist == 25.0 and LOSSES["rkd"].spec_cls().w_angle == 50.0

@@ -44,8 +44,8 @@ def nce_loss(x, num_samples, eps=1e-7):
 class CRDSpec(TermSpec):
     term: Literal["crd"] = "crd"
     weight: float = Field(0.8, ge=0, description="beta (the authors' run scripts: 0.8)")
-    student_layer: str = Field("flatten", description="penultimate embedding (VGG: `flatten`)")
-    teacher_layer: str = Field("flatten", description="penultimate embedding (VGG: `flatten`)")
+    student_layer: str = Field("penultimate", description="feature point or module path")
+    teacher_layer: str = Field("penultimate", description="feature point or module path")
     feat_dim: int = Field(128, ge=1, description="embedding size (paper: 128)")
     nce_k: int = Field(4096, ge=1, description="negatives per sample (paper: 16384; code: 4096); at most N - 1")
     nce_t: float = Field(0.07, gt=0, description="temperature tau")

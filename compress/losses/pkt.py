@@ -31,8 +31,8 @@ def pkt_loss(student_feature, teacher_feature, eps=1e-7):
 
 class PKTSpec(TermSpec):
     term: Literal["pkt"] = "pkt"
-    student_layer: str = Field("flatten", description="penultimate embedding (VGG: `flatten`)")
-    teacher_layer: str = Field("flatten", description="penultimate embedding (VGG: `flatten`)")
+    student_layer: str = Field("penultimate", description="feature point or module path")
+    teacher_layer: str = Field("penultimate", description="feature point or module path")
     eps: float = Field(1e-7, gt=0, description="authors' code: 1e-7")
 
 

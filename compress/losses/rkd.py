@@ -54,8 +54,8 @@ def rkd_loss(student_embedding, teacher_embedding, w_dist=25.0, w_angle=50.0):
 
 class RKDSpec(TermSpec):
     term: Literal["rkd"] = "rkd"
-    student_layer: str = Field("flatten", description="penultimate embedding (VGG: `flatten`)")
-    teacher_layer: str = Field("flatten", description="penultimate embedding (VGG: `flatten`)")
+    student_layer: str = Field("penultimate", description="feature point or module path")
+    teacher_layer: str = Field("penultimate", description="feature point or module path")
     w_dist: float = Field(25.0, ge=0, description="weight of the distance term (paper: 25)")
     w_angle: float = Field(50.0, ge=0, description="weight of the angle term (paper: 50)")
 

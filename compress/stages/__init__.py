@@ -90,16 +90,17 @@ def describe(model, ctx, cost_model=None, history=None):
 def new_model(recipe, name, in_channels, num_classes, salt=""):
     """(model, spec) for the recipe's `models.<name>` entry, sized for the data. `salt`
     draws a different initialisation of the same entry (e.g. the peers of a cohort)."""
-    import inspect
-
     from ..errors import CompressError
-    from ..models import MODELS, build_model, make_spec, validate_cfg
+    from ..models import REFUSED_ARGS, build_model, factory_params, make_spec, model_factory, validate_cfg
 
     d = recipe.models[name]
-    factory = MODELS.get_or_fail(d.arch, f"models.{name}.arch")
-    allowed = set(inspect.signature(factory).parameters)
+    factory = model_factory(d.arch, f"models.{name}.arch")
+    allowed, any_kwargs = factory_params(factory)
     for k in d.args:
-        if k not in allowed or k in ("in_channels", "num_classes"):
+        if k in REFUSED_ARGS:
+            raise CompressError(f"models.{name}.args.{k}: not allowed: models start from a random "
+                                "initialisation (nothing is downloaded or loaded)")
+        if (k not in allowed and not any_kwargs) or k in ("in_channels", "num_classes"):
             valid = sorted(allowed - {"in_channels", "num_classes"})
             raise CompressError(f"models.{name}.args.{k}: unknown argument of {d.arch}; valid: {', '.join(valid)}"
                                 " (in_channels and num_classes come from the data)")
@@ -116,7 +117,10 @@ def new_model(recipe, name, in_channels, num_classes, salt=""):
         torch.manual_seed(recipe.seed * 1000003 + zlib.crc32(f"models.{name}{salt}".encode()))
         try:
             model = build_model(spec)
-        except (MemoryError, RuntimeError, OverflowError, ValueError) as e:  # e.g. width: 1e9, .inf
+        except CompressError as e:
+            raise CompressError(f"models.{name}: {e}") from None
+        except (MemoryError, RuntimeError, OverflowError, ValueError, TypeError, AssertionError) as e:
+            # e.g. width: 1e9, .inf; a library constructor's own complaint about an argument
             raise CompressError(f"models.{name}: cannot build {d.arch} with args {dict(d.args)} "
                                 f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})") from None
     return model, make_spec(d.arch, args)

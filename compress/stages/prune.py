@@ -11,7 +11,7 @@ from torch import nn
 from ..config import StageSpec, stage_ref
 from ..errors import CompressError
 from ..hooks import resolve
-from ..models import layer_shapes, make_spec
+from ..models import apply_layer_shapes, build_model, classifier_path, layer_shapes, make_spec
 from ..registry import Registry
 from . import StageResult, describe, model_cost, plan_student, prepare, register
 
@@ -52,13 +52,15 @@ class PruneStage(StageSpec):
 
 
 def classifier_layers(model, num_classes):
-    """The layers whose outputs are the logits: left whole so the class count survives."""
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-            and getattr(m, "out_features", getattr(m, "out_channels", None)) == num_classes][-1:]
+    """The layer whose outputs are the logits (the architecture's `penultimate` point, else
+    the last Linear/Conv2d with `num_classes` outputs): left whole so the class count survives."""
+    path = classifier_path(model, num_classes)
+    return [model.get_submodule(path)] if path is not None else []
 
 
 def prune_model(model, cfg, input_shape, num_classes, ratio):
-    """Prune `model` in place with torch-pruning; returns it."""
+    """Prune `model` in place with torch-pruning's dependency graph (channels coupled
+    through residual adds and depthwise convs are removed together); returns it."""
     example = torch.zeros(1, *input_shape)
     ignored = classifier_layers(model, num_classes) + [resolve(model, p, "ignore") for p in cfg.ignore]
     pruner = tp.pruner.BasePruner(
@@ -92,7 +94,11 @@ def check_ratio(model, cfg, num_classes, ratio, field):
     top, layer = max_ratio(model, cfg, num_classes)
     if top is None:
         raise CompressError(f"stages.{cfg.name}: nothing to prune (every Conv2d/Linear is ignored or the classifier)")
-    if ratio > top:
+    m = model.get_submodule(layer)
+    width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    # torch-pruning's own arithmetic: the narrowest layer keeps int(C * (1 - ratio)) channels
+    # (exact at boundaries such as 16 channels, ratio 0.5, round_to 8, which `top` excludes)
+    if int(width * (1 - ratio)) < (cfg.round_to or 1):
         raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' no channel; "
                             f"at most {top:.4f} for this model (with round_to {cfg.round_to or 1})")
 
@@ -118,16 +124,52 @@ def ratio_for_macs(model, cfg, input_shape, num_classes, target):
     return hi
 
 
+def check_rebuild(rebuilt, pruned, input_shape, where):
+    """CompressError unless `rebuilt` (the spec's architecture, with the pruned model's
+    weights loaded) computes exactly what `pruned` computes."""
+    pruned = copy.deepcopy(pruned).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    try:
+        rebuilt.load_state_dict(pruned.state_dict())
+    except RuntimeError as e:
+        raise CompressError(f"{where}: the pruned model cannot be rebuilt from its spec "
+                            f"({str(e).strip().splitlines()[0][:160]})") from None
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = torch.equal(rebuilt.eval()(x), pruned(x))
+    if not same:
+        raise CompressError(f"{where}: the model rebuilt from the pruned spec computes other outputs; "
+                            "a pruned layer type is not recorded in the spec")
+
+
 def _plan(cfg, inputs, build):
     """Check on the input's skeleton what `run` would fail on after training: the `ignore`
-    paths exist, the ratio leaves every layer a channel, a MACs target is reachable."""
+    paths exist, the ratio leaves every layer a channel, a MACs target is reachable, and a
+    trial prune with the stage's settings runs on torch-pruning's graph, still maps a batch
+    to logits and rebuilds bit-exactly from the recorded shapes. Returns the pruned skeleton."""
     skel = plan_student(cfg, inputs, build)
+    shape, ncls = build.input_shape, build.num_classes
+    where = f"stages.{cfg.name}"
     for i, p in enumerate(cfg.ignore):
-        resolve(skel, p, f"stages.{cfg.name}.ignore[{i}]")
-    if cfg.ratio is not None:
-        check_ratio(skel, cfg, build.num_classes, cfg.ratio, "ratio")
-    else:
-        ratio_for_macs(copy.deepcopy(skel).eval(), cfg, build.input_shape, build.num_classes, cfg.target_macs)
+        resolve(skel, p, f"{where}.ignore[{i}]")
+    original = copy.deepcopy(skel)
+    try:
+        if cfg.ratio is not None:
+            check_ratio(skel, cfg, ncls, cfg.ratio, "ratio")
+            ratio = cfg.ratio
+        else:
+            ratio = ratio_for_macs(copy.deepcopy(skel).eval(), cfg, shape, ncls, cfg.target_macs)
+        prune_model(skel, cfg, shape, ncls, ratio)
+        out = skel.eval()(torch.zeros(2, *shape))
+        if tuple(out.shape) != (2, ncls):
+            raise ValueError(f"the pruned model maps a batch of 2 to logits of shape {tuple(out.shape)}")
+    except CompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch-pruning errors become one line
+        raise CompressError(f"{where}: torch-pruning cannot prune this model: {type(e).__name__}: "
+                            f"{(str(e).strip().splitlines() or [''])[0][:160]}") from None
+    with torch.no_grad():
+        rebuilt = apply_layer_shapes(copy.deepcopy(original), layer_shapes(skel))
+    check_rebuild(rebuilt, skel, shape, where)
     return skel
 
 
@@ -154,10 +196,12 @@ def run(cfg, ctx):
     after = layer_shapes(model)
     widths = {p: [before[p]["out_channels"], s["out_channels"]] for p, s in after.items()
               if "out_channels" in s and s != before[p]}
+    spec = make_spec(src.spec["arch"], src.spec["args"], model)
+    check_rebuild(build_model(spec), model, shape, f"stages.{cfg.name}")
     model = prepare(model, ctx)
     metrics = describe(model, ctx)
     metrics.update({"params_before": params0, "macs_before": macs0,
                     "params_ratio": round(metrics["params"] / params0, 4),
                     "macs_ratio": round(metrics["macs"] / macs0, 4)})
-    return StageResult(spec=make_spec(src.spec["arch"], src.spec["args"], model), model=model,
+    return StageResult(spec=spec, model=model,
                        metrics=metrics, info={"ratio": round(ratio, 4), "widths": widths})

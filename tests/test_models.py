@@ -1,0 +1,274 @@
+"""Every architecture of the registry and the torchvision:/timm: hub names: sized from the
+data, named feature points, pruning on the dependency graph, bit-exact rebuilds, and the
+pipeline's train -> prune -> distill (a feature term on a named point) on each family."""
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
+from compress.config import parse_recipe
+from compress.errors import CompressError
+from compress.hooks import FeatureTaps, resolve_tap
+from compress.models import (MODELS, Ensemble, build_model, factory_params, feature_points, layer_shapes,
+                             make_spec, model_factory)
+from compress.models.mobilenetv2 import InvertedResidual
+from compress.models.resnet import BasicBlock
+from compress.pipeline import run_recipe, validate_recipe
+from compress.stages import model_cost
+from compress.stages.prune import PruneStage, prune_model
+
+HUB = ["torchvision:resnet18", "torchvision:mobilenet_v2", "timm:test_resnet", "timm:test_efficientnet"]
+
+
+def tiny_args(arch):
+    """Args that make `arch` tiny: a small width / scale where the factory has one."""
+    named, _ = factory_params(model_factory(arch))
+    return ({"width": 0.125} if "width" in named else {"scale": 4} if "scale" in named
+            else {"width_mult": 0.25} if "width_mult" in named else {})
+
+
+def build(arch, shape, ncls=10, seed=0):
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    torch.manual_seed(seed)
+    args = {**tiny_args(arch), "in_channels": shape[0], "num_classes": ncls}
+    return build_model({"arch": arch, "args": args}), args
+
+
+def prune_cfg(**kw):
+    return PruneStage(name="prune", **{"from": "teacher"}, **{"ratio": 0.5, **kw})
+
+
+ALL = sorted(MODELS) + HUB
+
+
+# ---- built from the data; feature points -------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)], ids=["fmnist", "cifar"])
+@pytest.mark.parametrize("arch", ALL)
+def test_builds_from_data_shape_and_feature_points_capture(arch, shape):
+    model, _ = build(arch, shape, ncls=7)
+    model.eval()
+    points = feature_points(model)
+    assert "penultimate" in points
+    head = model.get_submodule(points["penultimate"])
+    taps = FeatureTaps(model, list(points))
+    x = torch.randn(3, *shape)
+    with torch.no_grad(), taps.attached():
+        out = model(x)
+    assert out.shape == (3, 7) and torch.isfinite(out).all()
+    # penultimate: the pooled, flattened vector the classifier reads
+    assert taps.features["penultimate"].shape == (3, head.in_features)
+    with torch.no_grad():
+        assert torch.equal(head(taps.features["penultimate"]), out)
+    stages = [n for n in points if n.startswith("stage")]
+    if not arch.startswith("torchvision:") and not arch.startswith("timm:"):
+        assert len(stages) >= 2, points           # every own architecture declares its stages
+    sizes = [taps.features[n].shape for n in stages]
+    assert all(len(s) == 4 and s[0] == 3 for s in sizes)
+    # stages in order of decreasing resolution
+    assert [s[-1] for s in sizes] == sorted((s[-1] for s in sizes), reverse=True)
+
+
+def test_resnet_and_mobilenet_shapes_follow_the_papers():
+    r20, _ = build_model({"arch": "resnet20", "args": {"in_channels": 3, "num_classes": 10}}), None
+    assert sum(p.numel() for p in r20.parameters()) == 272_474   # He et al. 2016: 0.27M
+    assert sum(isinstance(m, BasicBlock) for m in r20.modules()) == 9
+    r110 = build_model({"arch": "resnet110", "args": {"in_channels": 3, "num_classes": 10, "width": 0.125}})
+    assert sum(isinstance(m, BasicBlock) for m in r110.modules()) == 54
+    wide = build_model({"arch": "resnet8x4", "args": {"in_channels": 3, "num_classes": 100}})
+    assert [wide.conv1.out_channels, wide.layer1[0].conv2.out_channels, wide.layer3[0].conv2.out_channels] == [32, 64, 256]
+    mb = build_model({"arch": "mobilenetv2", "args": {"in_channels": 3, "num_classes": 10}})
+    dw = [m for m in mb.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(dw) == 17 and all(m.groups == m.in_channels == m.out_channels for m in dw)
+    taps = FeatureTaps(mb, ["stage4", "head"])
+    with torch.no_grad(), taps.attached():
+        mb.eval()(torch.zeros(1, 3, 32, 32))
+    assert taps.features["stage4"].shape[-2:] == (4, 4)   # CIFAR strides: 32 -> 4, not 1
+    assert taps.features["head"].shape[1] == 1280
+
+
+def test_ensemble_points_and_raw_paths_resolve():
+    a, _ = build("resnet20", (1, 28, 28))
+    b, _ = build("mobilenetv2", (1, 28, 28), seed=1)
+    ens = Ensemble([a, b])
+    assert resolve_tap(ens, "members.0.stage2") == ("members.0.layer2", "output")
+    assert resolve_tap(ens, "members.1.penultimate") == ("members.1.classifier", "input")
+    assert resolve_tap(ens, "members.0.layer1.0.conv1") == ("members.0.layer1.0.conv1", "output")
+    taps = FeatureTaps(ens, ["members.0.penultimate", "members.1.stage3"])
+    with torch.no_grad(), taps.attached():
+        ens.eval()(torch.zeros(2, 1, 28, 28))
+    assert taps.features["members.0.penultimate"].shape == (2, a.fc.in_features)
+    with pytest.raises(CompressError, match=r"^student_layer: no layer 'members\.0\.stage9'.*valid: .*members\.0\.stage1"):
+        FeatureTaps(ens, ["members.0.stage9"], "student_layer")
+
+
+# ---- pruning on the dependency graph; rebuilds -----------------------------------------------
+
+@pytest.mark.parametrize("arch", ALL)
+def test_prune_shrinks_keeps_graph_valid_and_rebuilds_bit_exactly(arch, tmp_path):
+    shape = (1, 28, 28)
+    model, args = build(arch, shape)
+    params0, macs0 = model_cost(model, shape)
+    head = feature_points(model)["penultimate"]
+    pruned = prune_model(copy.deepcopy(model), prune_cfg(), shape, 10, 0.5)
+    params1, macs1 = model_cost(pruned, shape)
+    assert params1 < 0.6 * params0 and macs1 < 0.75 * macs0
+    assert pruned.get_submodule(head).out_features == 10          # the classifier stays whole
+    for m in pruned.modules():
+        if isinstance(m, BasicBlock):           # channels coupled through the residual add
+            short = m.shortcut[0].out_channels if isinstance(m.shortcut, nn.Sequential) else m.conv1.in_channels
+            assert m.conv2.out_channels == short == m.bn2.num_features
+        if isinstance(m, nn.Conv2d) and m.groups > 1:           # depthwise stays depthwise
+            assert m.groups == m.in_channels == m.out_channels
+        if isinstance(m, InvertedResidual) and m.residual:
+            assert m.conv[0][0].in_channels == m.conv[-1][0].out_channels
+    spec = make_spec(arch, args, pruned)
+    save_checkpoint(tmp_path / "m.pt", spec, pruned)
+    spec2, rebuilt = load_checkpoint(tmp_path / "m.pt")      # torch.load(weights_only=True)
+    assert spec2 == spec and layer_shapes(rebuilt) == layer_shapes(pruned)
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), pruned.eval()(x))
+    assert feature_points(rebuilt) == feature_points(pruned)
+
+
+def test_round_to_on_resnet_and_mobilenet():
+    for arch in ("resnet20", "mobilenetv2"):
+        model = build_model({"arch": arch, "args": {"in_channels": 1, "num_classes": 10, "width": 0.5}})
+        pruned = prune_model(model, prune_cfg(round_to=8), (1, 28, 28), 10, 0.4)
+        widths = [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+        assert all(w % 8 == 0 for w in widths), (arch, widths)
+
+
+# ---- hub names ----------------------------------------------------------------------------
+
+def test_torchvision_resnet18_with_one_input_channel():
+    model, _ = build("torchvision:resnet18", (1, 28, 28))
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 10
+    assert feature_points(model)["stage5"] == "layer4"
+
+
+@pytest.mark.parametrize("arch, msg", [
+    ("torchvision:resnet19", r"^models\.t\.arch: unknown torchvision model 'resnet19' \(close: resnet18"),
+    ("timm:resnet_18", r"^models\.t\.arch: unknown timm model 'resnet_18' \(close: resnet18"),
+    ("resnet21", r"^models\.t\.arch: unknown model 'resnet21' \(did you mean"),
+])
+def test_bad_names_give_one_line(arch, msg, tiny_recipe_dict):
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    tiny_recipe_dict["models"] = {"t": {"arch": arch}}
+    tiny_recipe_dict["stages"] = [{"name": "teacher", "kind": "train", "model": "t", "epochs": 1}]
+    with pytest.raises(CompressError, match=msg) as e:
+        validate_recipe(parse_recipe(tiny_recipe_dict))
+    assert "\n" not in str(e.value)
+
+
+def test_timm_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)          # import timm -> ImportError
+    with pytest.raises(CompressError, match=r"timm:resnet18 needs the timm package.*pip install 'compress\[timm\]'"):
+        model_factory("timm:resnet18")
+
+
+@pytest.mark.parametrize("args, msg", [
+    ({"weights": "DEFAULT"}, r"^models\.t\.args\.weights: not allowed: models start from a random"),
+    ({"depth": 3}, r"^models\.t\.args\.depth: unknown argument of torchvision:resnet18; valid: .*zero_init_residual"),
+])
+def test_hub_args_checked_against_the_constructor(args, msg, tiny_recipe_dict):
+    tiny_recipe_dict["models"] = {"t": {"arch": "torchvision:resnet18", "args": args}}
+    tiny_recipe_dict["stages"] = [{"name": "teacher", "kind": "train", "model": "t", "epochs": 1}]
+    with pytest.raises(CompressError, match=msg):
+        validate_recipe(parse_recipe(tiny_recipe_dict))
+
+
+# ---- validate proves the prune on the skeleton ----------------------------------------------
+
+class HardWired(nn.Module):
+    """Reads its conv's output with a hard-coded channel count: cannot be pruned."""
+
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.mid = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.mid(self.conv(x)).mean((2, 3)).reshape(-1, 16))
+
+
+@pytest.fixture
+def hardwired():
+    MODELS.register("hardwired")(HardWired)
+    yield "hardwired"
+    del MODELS["hardwired"]
+
+
+def test_validate_refuses_an_unprunable_model_in_one_line(tiny_recipe_dict, hardwired):
+    tiny_recipe_dict["models"] = {"teacher": {"arch": hardwired}}
+    tiny_recipe_dict["stages"] = tiny_recipe_dict["stages"][:3]
+    with pytest.raises(CompressError, match=r"^stages\.prune: torch-pruning cannot prune this model: ") as e:
+        validate_recipe(parse_recipe(tiny_recipe_dict))
+    assert "\n" not in str(e.value)
+
+
+def test_validate_checks_feature_points_on_the_pruned_skeleton(tiny_recipe_dict):
+    tiny_recipe_dict["models"] = {"teacher": {"arch": "resnet20", "args": {"width": 0.25}}}
+    stages = tiny_recipe_dict["stages"][:3]
+    stages[2]["loss"] = [{"term": "fitnet", "student_layer": "stage2", "teacher_layer": "stage4"}]
+    tiny_recipe_dict["stages"] = stages
+    with pytest.raises(CompressError, match=r"^stages\[2\]\.loss\[0\]\.teacher_layer: no layer 'stage4' "
+                                            r"\(did you mean 'stage\d'\?\); valid: stem, stage1"):
+        validate_recipe(parse_recipe(tiny_recipe_dict))
+    stages[2]["loss"][0]["teacher_layer"] = "stage2"
+    assert validate_recipe(parse_recipe(tiny_recipe_dict))[0].startswith("tiny: valid")
+
+
+# ---- the pipeline on each family -----------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2", "cnn8", "torchvision:resnet18", "timm:test_resnet"])
+def test_train_prune_distill_with_a_feature_term_on_a_named_point(arch, tiny_recipe_dict, tmp_path):
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    tiny_recipe_dict["models"] = {"teacher": {"arch": arch, "args": tiny_args(arch)}}
+    stages = tiny_recipe_dict["stages"][:3]
+    stages[2]["loss"] = [{"term": "kd", "T": 4, "alpha": 0.9},
+                         {"term": "fitnet", "student_layer": "stage2", "teacher_layer": "stage2"},
+                         {"term": "rkd", "weight": 0.1}]          # on `penultimate` by default
+    tiny_recipe_dict["stages"] = stages
+    report = run_recipe(parse_recipe(tiny_recipe_dict), workdir=tmp_path, device="cpu")
+    teacher, prune, distill = report["stages"]
+    assert prune["params"] < teacher["params"] and prune["macs"] < teacher["macs"]
+    assert distill["params"] == prune["params"]
+    run_dir = tmp_path / "runs" / "tiny" / "stages"
+    _, pruned = load_checkpoint(run_dir / "prune" / "model.pt")
+    _, distilled = load_checkpoint(run_dir / "distill" / "model.pt")
+    assert layer_shapes(pruned) == layer_shapes(distilled)
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert not torch.equal(pruned.eval()(x), distilled.eval()(x))     # distillation trained it
+
+
+def test_penultimate_on_a_fake_quant_model_taps_the_wrapper_that_runs():
+    from compress.quant import QuantSpec, quantize_model
+
+    model, _ = build("vgg_small", (1, 28, 28))
+    q = quantize_model(model, QuantSpec())
+    taps = FeatureTaps(q, ["penultimate"])
+    with torch.no_grad(), taps.attached():
+        q.eval()(torch.rand(2, 1, 28, 28))
+    assert taps.features["penultimate"].shape == (2, model.classifier.in_features)
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    model = build_model({"arch": "resnet20", "args": {"in_channels": 1, "num_classes": 10,
+                                                      "zero_init_residual": True}})
+    blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
+    assert blocks and all(not b.bn2.weight.detach().any() for b in blocks)
+    x = torch.rand(2, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model.layer1[1].eval()(x), torch.relu(x))   # identity shortcut + relu
