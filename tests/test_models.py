@@ -231,19 +231,27 @@ def test_validate_checks_feature_points_on_the_pruned_skeleton(tiny_recipe_dict)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2", "cnn8", "torchvision:resnet18", "timm:test_resnet"])
-def test_train_prune_distill_with_a_feature_term_on_a_named_point(arch, tiny_recipe_dict, tmp_path):
+def test_every_stage_with_a_feature_term_on_a_named_point(arch, tiny_recipe_dict, tmp_path):
+    """train -> prune -> distill (a hint on `stage2`, rkd on `penultimate`) -> qat -> onnx-int8:
+    the export stage itself refuses a float conv in onnxruntime's optimised graph and an INT8
+    top-1 agreement below 99% with the fake-quant model."""
     if arch.startswith("timm:"):
         pytest.importorskip("timm")
     tiny_recipe_dict["models"] = {"teacher": {"arch": arch, "args": tiny_args(arch)}}
-    stages = tiny_recipe_dict["stages"][:3]
+    stages = tiny_recipe_dict["stages"]
     stages[2]["loss"] = [{"term": "kd", "T": 4, "alpha": 0.9},
                          {"term": "fitnet", "student_layer": "stage2", "teacher_layer": "stage2"},
                          {"term": "rkd", "weight": 0.1}]          # on `penultimate` by default
-    tiny_recipe_dict["stages"] = stages
     report = run_recipe(parse_recipe(tiny_recipe_dict), workdir=tmp_path, device="cpu")
-    teacher, prune, distill = report["stages"]
+    teacher, prune, distill, qat, _ = report["stages"]
     assert prune["params"] < teacher["params"] and prune["macs"] < teacher["macs"]
-    assert distill["params"] == prune["params"]
+    assert distill["params"] == prune["params"] == qat["params"]
+    (int8,) = report["exports"]
+    ops = int8["check"]["ort_int8_ops"]
+    assert ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0) > 0
+    assert int8["check"]["top1_agreement"] >= 0.99
+    if arch in ("resnet20", "mobilenetv2"):
+        assert ops.get("QLinearAdd", 0) > 0 and ops["Add"] == 0     # residual adds in integer
     run_dir = tmp_path / "runs" / "tiny" / "stages"
     _, pruned = load_checkpoint(run_dir / "prune" / "model.pt")
     _, distilled = load_checkpoint(run_dir / "distill" / "model.pt")

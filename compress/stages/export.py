@@ -28,6 +28,9 @@ from . import StageResult, register
 class ExportItem(Spec):
     model: stage_ref("export") = Field(description="the stage whose model to export")
     format: Literal["onnx-fp32", "onnx-int8"] = "onnx-fp32"
+    float_stem: bool = Field(True, description="onnx-int8 of a plain VGG: a first conv on 1-3 input channels "
+                             "and its max-pool stay float, where onnxruntime's integer kernel is slower; "
+                             "false runs every conv as an integer kernel")
 
 
 class ExportStage(StageSpec):
@@ -103,7 +106,7 @@ def run(cfg, ctx):
             check["max_abs_diff"] = float(check_fp32_parity(path, cpu_model, images[:512], atol=cfg.fp32_atol))
         else:
             qmodel = _int8_source(model, ctx, cfg)
-            int8 = to_int8_module(copy.deepcopy(qmodel).cpu())
+            int8 = to_int8_module(copy.deepcopy(qmodel).cpu(), float_first_conv=item.float_stem)
             export_onnx(int8, path, input_shape=data.input_shape, mean=data.mean, std=data.std,
                         metadata={**meta, "stage": item.model, "format": fmt})
             check["top1_agreement"] = float(check_int8_agreement(
