@@ -527,15 +527,22 @@ def _parse_terms(cls, s, where):
             at = f"{where}.{key}[{j}]"
             if not isinstance(t, dict):
                 raise CompressError(f"{at}: must be a mapping with term and its fields, got {_short(t)}")
-            if "term" not in t:
-                typo = difflib.get_close_matches("term", [str(k) for k in t], n=1, cutoff=0.6)
-                hint = f" ('{typo[0]}' is no key: did you mean 'term'?)" if typo else ""
-                raise CompressError(f"{at}.term: required key is missing{hint}; valid: {', '.join(sorted(LOSSES))}")
-            if not isinstance(t["term"], str) or t["term"] not in LOSSES:
-                raise CompressError(f"{at}.term: {unknown('loss term', t['term'], LOSSES)}")
+            _check_tag(t, "term", at, "loss term", LOSSES)
             parsed.append(parse(LOSSES[t["term"]].spec_cls, t, at))
         s[key] = parsed
     return s
+
+
+def _check_tag(d, tag, where, what, registry):
+    """The registry key `d[tag]` names (a stage's `kind`, a loss item's `term`), or a one-line
+    error: missing (with a hint when a key looks like a misspelt tag) or unknown."""
+    if tag not in d:
+        typo = difflib.get_close_matches(tag, [str(k) for k in d], n=1, cutoff=0.6)
+        hint = f" ('{typo[0]}' is no key: did you mean '{tag}'?)" if typo else ""
+        raise CompressError(f"{where}.{tag}: required key is missing{hint}; valid: {', '.join(sorted(registry))}")
+    if not isinstance(d[tag], str) or d[tag] not in registry:
+        raise CompressError(f"{where}.{tag}: {unknown(what, d[tag], registry)}")
+    return d[tag]
 
 
 def parse_recipe(raw):
@@ -554,12 +561,7 @@ def parse_recipe(raw):
         where = f"stages[{i}]"
         if not isinstance(s, dict):
             raise CompressError(f"{where}: must be a mapping with name and kind, got {_short(s)}")
-        if "kind" not in s:
-            typo = difflib.get_close_matches("kind", [str(k) for k in s], n=1, cutoff=0.6)
-            hint = f" ('{typo[0]}' is no key: did you mean 'kind'?)" if typo else ""
-            raise CompressError(f"{where}.kind: required key is missing{hint}; valid: {', '.join(sorted(STAGES))}")
-        if not isinstance(s["kind"], str) or s["kind"] not in STAGES:
-            raise CompressError(f"{where}.kind: {unknown('stage kind', s['kind'], STAGES)}")
+        _check_tag(s, "kind", where, "stage kind", STAGES)
         kind = STAGES[s["kind"]]
         spec = parse(kind.spec, _parse_terms(kind.spec, s, where), where)
         if spec.name in seen:

@@ -51,12 +51,13 @@ class Normalized(nn.Module):
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence the exporter's progress prints, warnings and logging."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
+def quiet(names=("torch.onnx", "torch.export", "onnxscript"), level=logging.ERROR):
+    """Silence prints, warnings and the logging of `names` below `level` (the exporter's
+    progress lines, a failed capture's graph dumps): the user gets one line from us instead."""
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(level)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
@@ -160,7 +161,7 @@ def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
     # Batch 2, not 1: torch.export specializes a dimension whose example size is 0 or 1.
     example = torch.rand(2, *input_shape)
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             program = torch.onnx.export(
                 wrapped, (example,), dynamo=True, external_data=False, opset_version=opset,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False,

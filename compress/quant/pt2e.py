@@ -25,12 +25,9 @@ modules, train/eval switching of exported graphs and the conversion to a Q/DQ gr
   one training loop uses it unchanged.
 """
 
-import contextlib
 import copy
-import io
 import itertools
 import logging
-import warnings
 from typing import Iterable
 
 import torch
@@ -42,24 +39,13 @@ from ..errors import CompressError
 _ATEN = torch.ops.aten
 
 
-@contextlib.contextmanager
 def _quiet():
     """Silence what torch.export and torchao print while capturing (graph dumps of a
-    failed capture, deprecation notes): the user gets one line from us instead."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._dynamo", "torch.fx",
-                                               "torch.fx.experimental.symbolic_shapes",
-                                               "torch.utils._pytree", "torchao")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    failed capture, deprecation notes)."""
+    from ..onnx_io import quiet
+
+    return quiet(("torch", "torch.export", "torch._dynamo", "torch.fx", "torch.fx.experimental.symbolic_shapes",
+                  "torch.utils._pytree", "torchao"), logging.CRITICAL)
 
 
 def _torchao():
