@@ -364,7 +364,9 @@ def _torch_logits(model: nn.Module, images, mean, std, batch_size: int = 1024) -
 def check_fp32_parity(path, model: nn.Module, images, atol: float = 1e-4) -> float:
     """Max |onnxruntime - torch| logit difference of a float export on `images`
     (float32 [0, 1]; `model` is the torch model without normalization). Raises
-    CompressError above `atol`.
+    CompressError above `atol` times the largest |logit| when that exceeds 1: float32
+    rounding grows with the values summed (a deep net with logits near 70 differs by ~1e-3
+    between onnxruntime's and torch's kernels), so the bound is relative to the logits' scale.
 
     >>> check_fp32_parity("model.onnx", model, torch.rand(64, 1, 28, 28))  # doctest: +SKIP
     3.1e-06
@@ -376,9 +378,10 @@ def check_fp32_parity(path, model: nn.Module, images, atol: float = 1e-4) -> flo
         raise CompressError(f"{path}: onnxruntime logits have shape {got.shape}, "
                             f"torch {ref.shape}")
     err = float(np.abs(got - ref).max()) if ref.size else 0.0
-    if not err <= atol:  # also catches NaN
+    bound = atol * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+    if not err <= bound:  # also catches NaN
         raise CompressError(f"{path}: onnxruntime logits differ from torch by {err:.3g} "
-                            f"(> {atol:g}); the export does not match the model")
+                            f"(> {bound:.3g}, {atol:g} x the largest |logit|); the export does not match the model")
     return err
 
 

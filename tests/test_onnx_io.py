@@ -188,3 +188,27 @@ def test_bad_arguments(tmp_path):
                     input_shape=(3, 16, 16), mean=MEAN, std=STD)
     with pytest.raises(CompressError, match="cannot load"):
         ort_session(tmp_path / "missing.onnx")
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, model, k):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, x):
+        return self.model(x) * self.k
+
+
+def test_fp32_parity_bound_follows_the_logits_scale(tmp_path, models):
+    """Logits near 1000 differ by float32 rounding far above 1e-4 in absolute terms: the bound
+    is 1e-4 of the largest |logit|, and a 0.1% different model is still refused."""
+    big = _Scaled(models["model"], 1000.0).eval()
+    path = tmp_path / "big.onnx"
+    export_onnx(big, path, input_shape=SHAPE, mean=MEAN, std=STD, metadata={})
+    x = class_data(32, 9)[0]
+    with torch.no_grad():
+        scale = float(big((x - MEAN[0]) / STD[0]).abs().max())
+    assert scale > 10
+    assert check_fp32_parity(path, big, x) <= 1e-4 * scale
+    with pytest.raises(CompressError, match="largest"):
+        check_fp32_parity(path, _Scaled(models["model"], 1001.0).eval(), x)

@@ -1,6 +1,6 @@
 """`export`: ONNX files of earlier stages' models, each verified in onnxruntime.
 
-FP32 files must match PyTorch's logits within 1e-4; INT8 files must agree with the
+FP32 files must match PyTorch's logits within 1e-4 (relative to the largest |logit| above 1); INT8 files must agree with the
 fake-quant model's top-1 on >= 99% of the test set, and onnxruntime must run every conv
 of them as an integer kernel. Every number in the report is
 measured on the exported file: top-1 by onnxruntime on the whole test set, latency by
