@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import CompressError, did_you_mean, unknown
-from .storage import name_problem
+from .storage import SafeName
 from .yamlio import MAX_BYTES, load_yaml
 
 # Upper bounds far above any real use; past them a value is a typo (1e23 epochs) or would
@@ -261,15 +261,8 @@ class StageSpec(Spec):
     naming `models` entries with :data:`MODEL_REF`.
 """
 
-    name: str = Field(description="names runs/<recipe>/stages/<name>/: a safe path component")
+    name: SafeName = Field(description="names runs/<recipe>/stages/<name>/")
     kind: str
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v):
-        if why := name_problem(v):
-            raise ValueError(why)
-        return v
 
     def refs(self):
         """[(field path, StageRef or ModelRef, name)] declared by this stage's field types."""
@@ -321,19 +314,12 @@ class CompareSpec(Spec):
 
 
 class Recipe(Spec):
-    name: str = Field(description="names runs/<name>/ and exports/<name>/: a safe path component")
+    name: SafeName = Field(description="names runs/<name>/ and exports/<name>/")
     seed: int = Field(0, ge=0, le=MAX_SEED)
     data: DataSpec = DataSpec()
     models: dict[str, ModelDef] = {}
     stages: list[Any]
     compare: Optional[CompareSpec] = None
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v):
-        if why := name_problem(v):
-            raise ValueError(why)
-        return v
 
     def stage(self, name):
         return next(s for s in self.stages if s.name == name)

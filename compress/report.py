@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .checkpoint import write_json, atomic_write
 from .errors import CompressError
-from .storage import name_problem
+from .storage import SafeName
 
 
 class Row(BaseModel):
@@ -89,7 +89,7 @@ class Environment(Row):
 
 
 class Report(Row):
-    recipe: str
+    recipe: SafeName
     data: DataRow
     stages: list[StageRow]
     exports: list[ExportRow]
@@ -99,13 +99,6 @@ class Report(Row):
     comparison: Optional[Comparison] = None
     lineage: dict[str, Optional[str]] = {}
     environment: Environment
-
-    @field_validator("recipe")
-    @classmethod
-    def _safe(cls, v):
-        if why := name_problem(v):
-            raise ValueError(why)
-        return v
 
 
 def parse_report(data, where):

@@ -13,6 +13,9 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from .errors import CompressError
 
@@ -36,6 +39,16 @@ def name_problem(name):
         return None
     return (f"{name!r} cannot name a folder or file; use letters, digits, '_', '-' and '.' "
             "(not first), at most 100 characters")
+
+
+def _safe(name):
+    if why := name_problem(name):
+        raise ValueError(why)
+    return name
+
+
+# A config/report field holding a name that becomes a path component.
+SafeName = Annotated[str, AfterValidator(_safe)]
 
 
 class Storage:
