@@ -49,9 +49,18 @@ def resolve_backend(model: nn.Module, spec: QuantSpec) -> str:
     return "eager" if eager_supports(model) else "pt2e"
 
 
+# Backend name -> its module; each has quantize_model, is_quantized, set_qat_phase, calibrate and
+# to_int8_module with the same signatures, so the functions below dispatch without naming one.
+BACKEND_MODULES = {"eager": eager, "pt2e": pt2e}
+
+
 def backend_of(qmodel: nn.Module) -> str:
-    """The backend that made a quantized model."""
-    return "pt2e" if isinstance(qmodel, pt2e.PT2EModel) else "eager"
+    """The backend that made a quantized model (``eager`` for anything else)."""
+    return next((n for n, m in BACKEND_MODULES.items() if m.is_quantized(qmodel)), "eager")
+
+
+def _backend(qmodel: nn.Module):
+    return BACKEND_MODULES[backend_of(qmodel)]
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, input_shape=None) -> nn.Module:
@@ -69,31 +78,26 @@ def quantize_model(model: nn.Module, spec: QuantSpec, input_shape=None) -> nn.Mo
     # Without an input shape nothing can be captured: auto means eager, whose error then
     # names the layer it cannot quantize.
     backend = "eager" if input_shape is None and spec.backend == "auto" else resolve_backend(model, spec)
-    if backend == "eager":
-        return eager.quantize_model(model, spec)
-    if input_shape is None:
+    if backend == "pt2e" and input_shape is None:
         raise CompressError("quantize_model: the pt2e backend needs the input shape (C, H, W)")
-    return pt2e.quantize_model(model, spec, input_shape)
+    return BACKEND_MODULES[backend].quantize_model(model, spec, input_shape)
 
 
 def is_quantized(model: nn.Module) -> bool:
     """True for models returned by ``quantize_model``."""
-    return isinstance(model, pt2e.PT2EModel) or eager.is_quantized(model)
+    return any(m.is_quantized(model) for m in BACKEND_MODULES.values())
 
 
 def set_qat_phase(qmodel: nn.Module, *, observers: bool, bn_stats: bool) -> None:
     """``observers=False`` fixes all activation ranges; ``bn_stats=False`` freezes BN
     running statistics and trains on the folded weights. Saved in the state_dict."""
-    if isinstance(qmodel, pt2e.PT2EModel):
-        qmodel.set_phase(observers=observers, bn_stats=bn_stats)
-    else:
-        eager.set_qat_phase(qmodel, observers=observers, bn_stats=bn_stats)
+    _backend(qmodel).set_qat_phase(qmodel, observers=observers, bn_stats=bn_stats)
 
 
 def calibrate(qmodel: nn.Module, batches: Iterable[Tensor]) -> None:
     """Post-training calibration: every activation range becomes the mean of the batches'
     min/max, with BN in eval (folded). Modes and phase flags are restored."""
-    (pt2e if isinstance(qmodel, pt2e.PT2EModel) else eager).calibrate(qmodel, batches)
+    _backend(qmodel).calibrate(qmodel, batches)
 
 
 def to_int8_module(qmodel: nn.Module, float_first_conv: bool = True) -> nn.Module:
@@ -101,6 +105,4 @@ def to_int8_module(qmodel: nn.Module, float_first_conv: bool = True) -> nn.Modul
     eval-mode fake-quant `qmodel` computes; ``onnx_io.export_onnx`` writes it as QDQ.
     `float_first_conv` (eager backend): a first conv + max-pool on 1-3 input channels
     runs in float, where onnxruntime's integer kernel is slower (``eager._float_first_conv``)."""
-    if isinstance(qmodel, pt2e.PT2EModel):
-        return pt2e.to_int8_module(qmodel)
-    return eager.to_int8_module(qmodel, float_first_conv=float_first_conv)
+    return _backend(qmodel).to_int8_module(qmodel, float_first_conv=float_first_conv)

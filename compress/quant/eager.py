@@ -328,7 +328,7 @@ def _quantize_sequential(seq: nn.Sequential, prefix: str, state: dict, spec: Qua
     return nn.Sequential(out)
 
 
-def quantize_model(model: nn.Module, spec: QuantSpec) -> nn.Module:
+def quantize_model(model: nn.Module, spec: QuantSpec, input_shape=None) -> nn.Module:
     """A new QAT-ready model: fake quantization of the input, every weight, bias and
     activation, with BatchNorm folding simulated. `model` is left untouched.
 

@@ -428,8 +428,17 @@ class Int8Graph(nn.Module):
         return self.gm(x)
 
 
-def to_int8_module(q: PT2EModel) -> Int8Graph:
-    """Fold BN (``fold_bn``) in an eval-mode copy of `q` and convert it with torchao's
+def is_quantized(model: nn.Module) -> bool:
+    """True for models this backend's ``quantize_model`` returned."""
+    return isinstance(model, PT2EModel)
+
+
+def set_qat_phase(q: PT2EModel, *, observers: bool, bn_stats: bool) -> None:
+    q.set_phase(observers=observers, bn_stats=bn_stats)
+
+
+def to_int8_module(q: PT2EModel, float_first_conv: bool = False) -> Int8Graph:
+    """(`float_first_conv` is the eager backend's option; every conv here is integer.) Fold BN (``fold_bn``) in an eval-mode copy of `q` and convert it with torchao's
     ``convert_pt2e`` into a graph of int8 weights and quantize/dequantize ops."""
     pt2e, qpt2e, _ = _torchao()
     if not isinstance(q, PT2EModel):
