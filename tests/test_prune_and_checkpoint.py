@@ -74,6 +74,33 @@ def test_prune_ignore_and_round_to():
     assert widths[1:] != [32, 32] and all(w % 8 == 0 for w in widths[1:])
 
 
+def test_prune_per_layer_ratios_replace_the_default():
+    model, _ = tiny_vgg()
+    # features.0 keeps 16 * 0.25 = 4, the other convs the default ratio's 32 * 0.5 = 16
+    pruned = prune_model(model, prune_cfg(layers={"features.0": 0.75}), SHAPE, NCLS, 0.5)
+    assert [c.out_channels for c in convs(pruned)] == [4, 16, 16]
+    assert [c.in_channels for c in convs(pruned)] == [3, 4, 16]
+
+
+@pytest.mark.parametrize("layers,message", [
+    ({"features.99": 0.5}, r"layers: no layer 'features\.99'"),
+    ({"features.1": 0.5}, r"layers: 'features\.1' is not a prunable Conv2d/Linear"),
+    ({"classifier": 0.5}, r"layers: 'classifier' is not a prunable"),
+    ({"features.0": 0.95}, r"layers\.features\.0: 0\.95 would leave it no channel; at most 0\.9375"),
+])
+def test_prune_per_layer_ratio_errors(layers, message):
+    from compress.stages.prune import check_layers
+
+    model, _ = tiny_vgg()
+    with pytest.raises(CompressError, match=message):
+        check_layers(model, prune_cfg(layers=layers), NCLS)
+
+
+def test_prune_per_layer_ratio_out_of_range():
+    with pytest.raises(ValueError, match=r"'features\.0': 1\.0 is not a fraction"):
+        prune_cfg(layers={"features.0": 1.0})
+
+
 def test_prune_ignore_unknown_layer():
     model, _ = tiny_vgg()
     with pytest.raises(CompressError, match=r"^ignore: no layer 'features\.99'"):

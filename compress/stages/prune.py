@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 import torch
 import torch_pruning as tp
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..config import StageSpec, stage_ref
@@ -39,6 +39,16 @@ class PruneStage(StageSpec):
     steps: int = Field(1, ge=1, description="iterative pruning steps (torch-pruning iterative_steps)")
     ignore: list[str] = Field([], description="module paths left whole, besides the classifier")
     round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")
+    layers: dict[str, float] = Field({}, description="per-layer ratios (module path -> fraction of its "
+                                     "output channels removed) that replace `ratio` for those layers")
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_ratios(cls, v):
+        for path, r in v.items():
+            if not 0 < r < 1:
+                raise ValueError(f"'{path}': {r} is not a fraction in (0, 1)")
+        return v
 
     @model_validator(mode="after")
     def _one_target(self):
@@ -63,9 +73,11 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     through residual adds and depthwise convs are removed together); returns it."""
     example = torch.zeros(1, *input_shape)
     ignored = classifier_layers(model, num_classes) + [resolve(model, p, "ignore") for p in cfg.ignore]
+    per_layer = {resolve(model, p, f"stages.{cfg.name}.layers"): r for p, r in cfg.layers.items()}
     pruner = tp.pruner.BasePruner(
         model, example, importance=IMPORTANCES[cfg.importance](), global_pruning=cfg.global_,
-        pruning_ratio=ratio, iterative_steps=cfg.steps, ignored_layers=ignored, round_to=cfg.round_to)
+        pruning_ratio=ratio, pruning_ratio_dict=per_layer or None, iterative_steps=cfg.steps,
+        ignored_layers=ignored, round_to=cfg.round_to)
     for _ in range(cfg.steps):
         pruner.step()
     return model
@@ -78,6 +90,7 @@ def max_ratio(model, cfg, num_classes):
     ratio fewer channels would be pruned, not more."""
     ignored = {id(m) for m in classifier_layers(model, num_classes)}
     ignored |= {id(resolve(model, p, "ignore")) for p in cfg.ignore}
+    ignored |= {id(resolve(model, p, "layers")) for p in cfg.layers}   # their own ratios apply
     step = cfg.round_to or 1
     widths = [(path, m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
               for path, m in model.named_modules()
@@ -87,6 +100,21 @@ def max_ratio(model, cfg, num_classes):
     path, c = min(widths, key=lambda w: w[1])
     # keep = int(c * (1 - r)) >= step  <=>  r <= 1 - step / c (less a hair for float rounding)
     return max(0.0, 1 - step / c - 1e-9), path
+
+
+def check_layers(model, cfg, num_classes):
+    """The `layers` paths name prunable layers, and no per-layer ratio empties its layer."""
+    ignored = {id(m) for m in classifier_layers(model, num_classes)}
+    step = cfg.round_to or 1
+    for path, r in cfg.layers.items():
+        m = resolve(model, path, f"stages.{cfg.name}.layers")
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in ignored or path in cfg.ignore:
+            raise CompressError(f"stages.{cfg.name}.layers: '{path}' is not a prunable Conv2d/Linear "
+                                "(the classifier and `ignore` paths are left whole)")
+        width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        if int(width * (1 - r)) < step:
+            raise CompressError(f"stages.{cfg.name}.layers.{path}: {r:g} would leave it no channel; "
+                                f"at most {max(0.0, 1 - step / width):.4f} (with round_to {step})")
 
 
 def check_ratio(model, cfg, num_classes, ratio, field):
@@ -151,6 +179,7 @@ def _plan(cfg, inputs, build):
     where = f"stages.{cfg.name}"
     for i, p in enumerate(cfg.ignore):
         resolve(skel, p, f"{where}.ignore[{i}]")
+    check_layers(skel, cfg, ncls)
     original = copy.deepcopy(skel)
     try:
         if cfg.ratio is not None:
@@ -184,6 +213,7 @@ def run(cfg, ctx):
     shape, ncls = ctx.data.input_shape, ctx.data.num_classes
     before = layer_shapes(model)
     params0, macs0 = model_cost(model, shape)
+    check_layers(model, cfg, ncls)
     if cfg.ratio is not None:
         check_ratio(model, cfg, ncls, cfg.ratio, "ratio")
     ratio = cfg.ratio if cfg.ratio is not None else ratio_for_macs(model, cfg, shape, ncls, cfg.target_macs)
