@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.config import load_recipe, parse_recipe  # noqa: E402
 from compress.data import DEBIAN_FASHION_MNIST, fashion_mnist, iterate  # noqa: E402
-from compress.engine import Frozen, RunContext, build_optimizer, build_scheduler, predict, train_one_epoch  # noqa: E402
+from compress.engine import (Frozen, RunContext, build_optimizer, build_scheduler, predict,  # noqa: E402
+                             train_one_epoch, use_bf16)
 from compress.losses import Objective  # noqa: E402
 from compress.losses.ce import CESpec  # noqa: E402
 from compress.losses.kd import KDSpec  # noqa: E402
@@ -191,6 +192,9 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="rounds; the median per loop is quoted")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="our loops' precision, as a recipe's `precision` (default auto: bf16 where the "
+                        "device computes it natively); the plain and reference loops are what they are")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: this process's CPU time, which a shared machine's "
                         "other jobs do not inflate (use with --threads 1: idle spinning of extra "
@@ -210,7 +214,9 @@ def main():
     recipe = parse_recipe({"name": "throughput", "data": {"name": "fashion_mnist"},
                            "models": {"teacher": {"arch": "vgg_small"}},
                            "stages": [{"name": "t", "kind": "train", "model": "teacher"}]})
-    ctx = RunContext(recipe=recipe, data=data.to(device), device=device)
+    ctx = RunContext(recipe=recipe, data=data.to(device), device=device, bf16=use_bf16(a.precision, device))
+    print(f"ours: {'bf16 autocast' if ctx.bf16 else 'fp32'} (--precision {a.precision}); plain loop: "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; reference KD loop: fp32")
     torch.manual_seed(0)
     teacher_cpu = build_model({"arch": "vgg_small", "args": {"in_channels": 1, "num_classes": 10}})
     student_cpu = student_of(teacher_cpu, data)

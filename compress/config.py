@@ -298,7 +298,9 @@ class DataSpec(Spec):
     download: Optional[bool] = Field(None, description="None: the dataset's own default")
     train_subset: Optional[int] = Field(None, ge=1, description="use only the first N training images")
     test_subset: Optional[int] = Field(None, ge=1, description="use only the first N test images")
-    eval_batch_size: int = Field(1024, ge=1, le=MAX_BATCH)
+    # 256: measured on a 2-core Xeon, vgg_small inference is 1.36x (fp32) to 2.6x (bf16) faster per
+    # image at 256 than at 1024 (the activations stay in cache)
+    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
 
 
 class ModelDef(Spec):
@@ -320,6 +322,10 @@ class Recipe(Spec):
     models: dict[str, ModelDef] = {}
     stages: list[Any]
     compare: Optional[CompareSpec] = None
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="training, evaluation and teacher passes under bf16 autocast ('bf16') or in "
+        "fp32; 'auto': bf16 on CUDA and on CPUs with native bf16 arithmetic (AMX or AVX512-BF16), fp32 "
+        "on the others. Loss terms and fake quantization always compute in fp32.")
 
     def stage(self, name):
         return next(s for s in self.stages if s.name == name)
@@ -336,6 +342,7 @@ class Recipe(Spec):
             "models": {m: self.models[m].model_dump(mode="json") for _, m in s.model_refs()},
             "inputs": upstream_keys,
             "code": code_fingerprint(self, s),
+            "precision": self.precision,
             "format": 2,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -37,19 +37,35 @@ class RunContext:
     storage: object = None          # compress.storage.Storage: every delete/overwrite is checked by it
     seed: int = 0
     logger: object = None           # compress.tracking.Tracker (.epoch(stage, epoch, metrics)) or None
+    bf16: bool = False              # autocast to bf16 (the recipe's `precision`, resolved for the device)
 
     @property
     def cuda(self):
         return self.device.type == "cuda"
 
     def autocast(self):
-        """bf16 autocast on CUDA; plain fp32 on the CPU."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else nullcontext()
+        """bf16 autocast when the run's precision is bf16; plain fp32 otherwise."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def generator(self, salt=0):
         g = torch.Generator(device=self.device)
         g.manual_seed(self.seed * 1000003 + salt)
         return g
+
+
+def native_bf16(device):
+    """Whether `device` computes bf16 convolutions and matmuls in hardware: CUDA, or a CPU with
+    AMX tiles or AVX512-BF16 (elsewhere oneDNN emulates bf16, slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None)]
+    return any(bool(f()) for f in checks if f is not None)
+
+
+def use_bf16(precision, device):
+    """The recipe's `precision` ('auto', 'bf16', 'fp32') resolved for `device`."""
+    return precision == "bf16" or (precision == "auto" and native_bf16(device))
 
 
 class Frozen(nn.Module):

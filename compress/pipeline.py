@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
 from .commands import cpu_vnni
 from .config import TrainingSpec
 from .data import load_data
-from .engine import NonFiniteLoss, RunContext
+from .engine import NonFiniteLoss, RunContext, use_bf16
 from .errors import CompressError
 from .hooks import resolve
 from .losses import LOSSES
@@ -183,11 +183,12 @@ def _run(recipe, storage, dev, fresh, data, t_start):
     distributed.barrier()   # rank 0 has cleaned up before any rank reads stored results
     ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,
                      seed=recipe.seed,   # TensorBoard: runs/<recipe>/tb/, written by rank 0
-                     logger=Tracker(storage, recipe, data) if main else None)
+                     logger=Tracker(storage, recipe, data) if main else None,
+                     bf16=use_bf16(recipe.precision, dev))
     keys = {}
     n = len(recipe.stages)
     world = f" x {distributed.world_size()} processes" if distributed.active() else ""
-    _say(f"{recipe.name}: {n} stages on {dev}{world} ({data.name}: {len(data.train)} train / "
+    _say(f"{recipe.name}: {n} stages on {dev}{world}, {'bf16 autocast' if ctx.bf16 else 'fp32'} ({data.name}: {len(data.train)} train / "
          f"{len(data.test)} test images, {data.input_shape})")
     for i, stage in enumerate(recipe.stages):
         upstream = {ref: keys[ref] for _, ref in stage.stage_refs()}
@@ -263,7 +264,8 @@ def build_report(recipe, ctx, wall):
         "reference": _reference(recipe),
         "comparison": _comparison(recipe, stages),
         "lineage": {s.name: next((r for _, r in s.stage_refs("input")), None) for s in recipe.stages},
-        "environment": {"device": str(ctx.device), "torch": torch.__version__,
+        "environment": {"device": str(ctx.device), "precision": "bf16" if ctx.bf16 else "fp32",
+                        "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "processes": distributed.world_size(),

@@ -86,6 +86,7 @@ class Comparison(Row):
 class Environment(Row):
     device: str
     threads: int
+    precision: str = "fp32"   # "bf16" when training and evaluation ran under bf16 autocast
 
 
 class Report(Row):
@@ -160,7 +161,8 @@ def render_markdown(report):
     stage_by = {s["name"]: s for s in report["stages"]}
     lines = [f"# {report['recipe']}: compression report", "",
              f"Data: {d['name']} ({d['num_classes']} classes, input {d['input_shape']}); "
-             f"top-1 on the whole test set. Device: {report['environment']['device']}. "
+             f"top-1 on the whole test set. Device: {report['environment']['device']} "
+             f"({report['environment'].get('precision', 'fp32')}). "
              f"Stage compute {report['total_seconds']:.1f} s; this invocation {report['wall_seconds']:.1f} s.",
              "", "## Stages", "",
              "| stage | kind | top-1 (%) | params | MACs | seconds |",

@@ -211,3 +211,66 @@ def test_report_says_why_int8_is_not_faster(vnni, batch, says):
 
     report = {"environment": {"vnni": vnni}, "stages": [{"name": "qat", "macs": 1_580_000}]}
     assert says in _why_not_faster(report, {"model": "qat"}, batch, 0.05)
+
+
+# ---- precision: bf16 autocast where the CPU computes bf16 natively -------------------------------
+
+def test_precision_resolution(monkeypatch):
+    import torch
+
+    from compress.engine import use_bf16
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not use_bf16("auto", cpu)           # AVX2-only CPU: bf16 would be emulated, slower
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert use_bf16("auto", cpu) and not use_bf16("fp32", cpu)
+    assert use_bf16("auto", torch.device("cuda")) and not use_bf16("fp32", torch.device("cuda"))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_autocast_follows_the_resolved_precision(bf16):
+    import torch
+
+    from compress.engine import RunContext
+
+    ctx = RunContext(recipe=None, data=None, device=torch.device("cpu"), bf16=bf16)
+    conv = torch.nn.Conv2d(1, 4, 3)
+    with ctx.autocast():
+        y = conv(torch.randn(2, 1, 8, 8))
+    assert y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+
+
+def test_precision_is_part_of_every_stage_key(tmp_path):
+    a = load_recipe(_recipe(tmp_path))
+    raw = yaml.safe_load(_recipe(tmp_path).read_text())
+    raw["precision"] = "fp32"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    b = load_recipe(tmp_path / "b.yaml")
+    assert a.precision == "auto" and b.precision == "fp32"
+    assert a.stage_key(0, {}) != b.stage_key(0, {})
+
+
+def test_run_reports_its_precision(tmp_path):
+    _, history, report = _run(tmp_path)
+    raw = yaml.safe_load(_recipe(tmp_path).read_text())
+    raw["precision"] = "bf16"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["run", str(tmp_path / "b.yaml"), "--workdir", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    bf = json.loads((tmp_path / "b" / "exports" / "tiny" / "report.json").read_text())
+    assert bf["environment"]["precision"] == "bf16"
+    assert "(bf16)" in (tmp_path / "b" / "exports" / "tiny" / "report.md").read_text()
+    from compress.engine import use_bf16
+
+    import torch
+    assert report["environment"]["precision"] == ("bf16" if use_bf16("auto", torch.device("cpu")) else "fp32")
+
+
+def test_precision_refused_with_its_path(tmp_path):
+    raw = yaml.safe_load(_recipe(tmp_path).read_text())
+    raw["precision"] = "fp16"
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(CompressError, match=r"precision: .*'auto', 'bf16' or 'fp32'"):
+        load_recipe(tmp_path / "b.yaml")
