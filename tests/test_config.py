@@ -79,6 +79,7 @@ def test_vgg_prune_kd_contents():
     assert [s.kind for s in recipe.stages] == ["train", "prune", "distill", "qat", "export"]
     prune = recipe.stage("prune")
     assert prune.from_ == "teacher" and prune.ratio == 0.68 and prune.target_macs is None
+    assert prune.layers == {"features.0": 0.5, "features.4": 0.5, "features.15": 0.78125}
     assert prune.round_to == 8   # widths that suit vectorised BatchNorm and blocked conv kernels
 
 
