@@ -167,24 +167,27 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
 
 
 @torch.no_grad()
-def predict(model, split, ctx, batch_size=None, channels_last=None):
-    """Logits of `model` on every image of `split` (normalised as in training), on the device."""
+def predict(model, split, ctx, batch_size=None, channels_last=None, exact=False):
+    """Logits of `model` on every image of `split` (normalised as in training), on the device;
+    under the run's autocast unless `exact` (fp32 on the CPU, as the exported FP32 file runs)."""
     bs = batch_size or ctx.recipe.data.eval_batch_size
     cl = channels_last if channels_last is not None else True
     was = model.training
     model.eval()
     outs = []
+    amp = nullcontext() if exact and not ctx.cuda else ctx.autocast()
     for b in iterate(split, ctx.data, bs, channels_last=cl):
-        with ctx.autocast():
+        with amp:
             outs.append(model(b.x).float())
     model.train(was)
     return torch.cat(outs)
 
 
-def evaluate(model, ctx, split=None):
-    """top-1 in percent on the whole test split (or `split`)."""
+def evaluate(model, ctx, split=None, exact=True):
+    """top-1 in percent on the whole test split (or `split`); in fp32 on the CPU unless not
+    `exact` (the run's bf16 autocast: learning-curve points only, never a stage's top-1)."""
     split = split if split is not None else ctx.data.test
-    logits = predict(model, split, ctx)
+    logits = predict(model, split, ctx, exact=exact)
     return 100.0 * float((logits.argmax(1) == split.y).float().mean())
 
 
@@ -230,7 +233,7 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
             split = ctx.data.test
             if not last and spec.eval_subset and spec.eval_subset < len(split):
                 split = Split(split.x[:spec.eval_subset], split.y[:spec.eval_subset])
-            m["test_top1"], m["test_images"] = evaluate(evaluated, ctx, split), len(split)
+            m["test_top1"], m["test_images"] = evaluate(evaluated, ctx, split, exact=last), len(split)
         history.append(m)
         if ctx.logger:
             ctx.logger.epoch(name, epoch, m)

@@ -113,7 +113,7 @@ def test_defaults_filled_in_code(tiny_recipe_dict):
     assert distill.optimizer.name == "sgd" and distill.schedule == "onecycle"
     assert distill.augment.deterministic
     assert (qat.weight_bits, qat.act_bits) == (7, 8)
-    assert recipe.data.eval_batch_size == 1024 and recipe.data.train_subset is None
+    assert recipe.data.eval_batch_size == 256 and recipe.data.train_subset is None
 
 
 def test_parse_does_not_mutate_input(tiny_recipe_dict):
@@ -163,7 +163,7 @@ ERROR_CASES = {
                     ["stages[0].epoch: unknown key (did you mean 'epochs'?); valid:", "batch_size"]),
     "unknown-nested-key": (_set(["stages", 0, "optimizer", "lrr"], 0.1),
                            ["stages[0].optimizer.lrr: unknown key (did you mean 'lr'?)"]),
-    "unknown-top-key": (_set(["epochs"], 1), ["epochs: unknown key; valid: compare, data, models, name, seed, stages"]),
+    "unknown-top-key": (_set(["epochs"], 1), ["epochs: unknown key; valid: compare, data, models, name, precision, seed, stages"]),
     "unknown-data-key": (_set(["data", "rot"], "/x"), ["data.rot: unknown key (did you mean 'root'?)"]),
     "bad-literal": (_set(["stages", 0, "optimizer", "name"], "adam"),
                     ["stages[0].optimizer.name: must be one of", "'sgd'", "'adamw'", "got 'adam'"]),

@@ -208,7 +208,7 @@ def test_validate_refuses_what_run_would_fail_on(tmp_path, fmnist_root, recipe_f
 def test_params_and_macs_are_monotone_in_the_prune_ratio(round_to):
     """Up to the largest ratio that leaves every layer a channel, more ratio never means more
     params or MACs; above it the ratio is refused (torch-pruning would skip whole layers)."""
-    cfg = SimpleNamespace(name="prune", ignore=[], importance="l1", global_=False, steps=1, round_to=round_to)
+    cfg = SimpleNamespace(name="prune", ignore=[], importance="l1", global_=False, steps=1, round_to=round_to, layers={})
     base = build_model({"arch": "vgg_small", "args": {"in_channels": 1, "num_classes": 10}})
     top, layer = max_ratio(base, cfg, 10)
     assert (0.96 if round_to is None else 0.87) < top < 1 and layer

@@ -19,6 +19,7 @@ SHORT = [
     "models.teacher.args={cfg: [8, M, 16, M, 32]}",
     "stages.teacher.epochs=3", "stages.teacher.batch_size=64",
     "stages.prune.ratio=0.5", "stages.prune.round_to=2",   # the tiny VGG has 8-channel layers
+    "stages.prune.layers={}",
     "stages.distill.epochs=2", "stages.distill.batch_size=64",
     "stages.qat.epochs=1", "stages.qat.batch_size=64", "stages.qat.freeze_bn_epoch=0",
     "stages.qat.freeze_observers_epoch=1",
