@@ -215,7 +215,7 @@ def main():
                            "models": {"teacher": {"arch": "vgg_small"}},
                            "stages": [{"name": "t", "kind": "train", "model": "teacher"}]})
     ctx = RunContext(recipe=recipe, data=data.to(device), device=device, bf16=use_bf16(a.precision, device))
-    print(f"ours: {'bf16 autocast' if ctx.bf16 else 'fp32'} (--precision {a.precision}); plain loop: "
+    print(f"ours: {ctx.precision} (--precision {a.precision}); plain loop: "
           f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; reference KD loop: fp32")
     torch.manual_seed(0)
     teacher_cpu = build_model({"arch": "vgg_small", "args": {"in_channels": 1, "num_classes": 10}})

@@ -47,6 +47,11 @@ class RunContext:
         """bf16 autocast when the run's precision is bf16; plain fp32 otherwise."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
+    @property
+    def precision(self):
+        """'bf16' or 'fp32': what the run computes in (for logs and the report)."""
+        return "bf16" if self.bf16 else "fp32"
+
     def generator(self, salt=0):
         g = torch.Generator(device=self.device)
         g.manual_seed(self.seed * 1000003 + salt)
@@ -169,13 +174,13 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
 @torch.no_grad()
 def predict(model, split, ctx, batch_size=None, channels_last=None, exact=False):
     """Logits of `model` on every image of `split` (normalised as in training), on the device;
-    under the run's autocast unless `exact` (fp32 on the CPU, as the exported FP32 file runs)."""
+    under the run's autocast unless `exact` (fp32, as the exported FP32 file runs)."""
     bs = batch_size or ctx.recipe.data.eval_batch_size
     cl = channels_last if channels_last is not None else True
     was = model.training
     model.eval()
     outs = []
-    amp = nullcontext() if exact and not ctx.cuda else ctx.autocast()
+    amp = nullcontext() if exact else ctx.autocast()
     for b in iterate(split, ctx.data, bs, channels_last=cl):
         with amp:
             outs.append(model(b.x).float())
@@ -184,8 +189,8 @@ def predict(model, split, ctx, batch_size=None, channels_last=None, exact=False)
 
 
 def evaluate(model, ctx, split=None, exact=True):
-    """top-1 in percent on the whole test split (or `split`); in fp32 on the CPU unless not
-    `exact` (the run's bf16 autocast: learning-curve points only, never a stage's top-1)."""
+    """top-1 in percent on the whole test split (or `split`); in fp32 unless not `exact` (the
+    run's bf16 autocast: learning-curve points only, never a stage's top-1)."""
     split = split if split is not None else ctx.data.test
     logits = predict(model, split, ctx, exact=exact)
     return 100.0 * float((logits.argmax(1) == split.y).float().mean())

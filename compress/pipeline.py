@@ -188,8 +188,8 @@ def _run(recipe, storage, dev, fresh, data, t_start):
     keys = {}
     n = len(recipe.stages)
     world = f" x {distributed.world_size()} processes" if distributed.active() else ""
-    _say(f"{recipe.name}: {n} stages on {dev}{world}, {'bf16 autocast' if ctx.bf16 else 'fp32'} ({data.name}: {len(data.train)} train / "
-         f"{len(data.test)} test images, {data.input_shape})")
+    _say(f"{recipe.name}: {n} stages on {dev}{world}, {ctx.precision} ({data.name}: {len(data.train)} "
+         f"train / {len(data.test)} test images, {data.input_shape})")
     for i, stage in enumerate(recipe.stages):
         upstream = {ref: keys[ref] for _, ref in stage.stage_refs()}
         key = keys[stage.name] = recipe.stage_key(i, upstream)
@@ -264,7 +264,7 @@ def build_report(recipe, ctx, wall):
         "reference": _reference(recipe),
         "comparison": _comparison(recipe, stages),
         "lineage": {s.name: next((r for _, r in s.stage_refs("input")), None) for s in recipe.stages},
-        "environment": {"device": str(ctx.device), "precision": "bf16" if ctx.bf16 else "fp32",
+        "environment": {"device": str(ctx.device), "precision": ctx.precision,
                         "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
                         "cpu": platform.processor() or platform.machine(),

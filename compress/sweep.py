@@ -13,7 +13,6 @@ The stage cache does the rest: a trial reuses every stage whose content key is u
 so the teacher is trained once, and an interrupted sweep re-run finishes only what is missing.
 """
 
-import copy
 import fcntl
 import hashlib
 import itertools

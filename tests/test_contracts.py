@@ -21,7 +21,7 @@ import yaml
 
 import compress.data
 from compress.cli import main
-from compress.config import load_recipe, parse_recipe
+from compress.config import load_recipe
 from compress.data import Batch
 from compress.errors import CompressError
 from compress.losses import LOSSES, Objective, TermInfo

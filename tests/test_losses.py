@@ -8,7 +8,7 @@ from torch import nn
 
 from compress.data import Batch
 from compress.engine import Frozen
-from compress.losses import LOSSES, Objective, Outputs
+from compress.losses import LOSSES, Objective
 from compress.losses.ce import CESpec
 from compress.losses.fitnet import FitNetSpec, hint_loss
 from compress.losses.kd import KDSpec, kd_loss

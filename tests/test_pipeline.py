@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from compress.cli import main
 from compress.data import write_cifar_like

@@ -12,7 +12,7 @@ from compress.config import parse_recipe
 from compress.data import fashion_mnist
 from compress.engine import RunContext
 from compress.errors import CompressError
-from compress.models import MODELS, VGG_CFGS, build_model, count_params, layer_shapes, make_spec
+from compress.models import VGG_CFGS, build_model, count_params, layer_shapes, make_spec
 from compress.stages import STAGES, StageResult, model_cost
 from compress.stages.prune import IMPORTANCES, PruneStage, prune_model, ratio_for_macs
 

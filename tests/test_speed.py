@@ -76,7 +76,7 @@ def test_ema_result_is_the_average(tmp_path):
     import torch
 
     from compress.config import TrainingSpec
-    from compress.data import Batch, Data, Split
+    from compress.data import Data, Split
     from compress.engine import RunContext, fit
     from compress.losses import Objective
     from compress.losses.ce import CESpec

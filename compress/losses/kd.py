@@ -1,6 +1,6 @@
 """Hinton et al. 2015, "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531)."""
 
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

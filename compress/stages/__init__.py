@@ -131,8 +131,6 @@ def input_model(cfg, ctx, build_fresh=True):
     `model` from the recipe's models section."""
     import copy
 
-    from ..models import make_spec
-
     if getattr(cfg, "from_", None):
         src = ctx.results[cfg.from_]
         return copy.deepcopy(src.get_model()), copy.deepcopy(src.spec)

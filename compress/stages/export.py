@@ -17,7 +17,6 @@ from pydantic import Field
 
 from ..config import Spec, StageSpec, stage_ref
 from ..data import iterate
-from ..engine import predict
 from ..errors import CompressError
 from ..onnx_io import (check_fp32_parity, check_int8_agreement, check_int8_kernels, export_onnx,
                        ort_latency_side_by_side, ort_logits)

@@ -8,7 +8,6 @@ knows about cohorts. The stage's model is the cohort (the mean of the peers' log
 the report lists every peer.
 """
 
-import copy
 from typing import Literal
 
 from pydantic import Field

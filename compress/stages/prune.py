@@ -83,6 +83,11 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     return model
 
 
+def width(m):
+    """Output channels of a Conv2d, output features of a Linear: what pruning removes."""
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
 def max_ratio(model, cfg, num_classes):
     """The largest per-layer ratio that leaves every pruned layer at least one channel, and
     the layer that sets it. torch-pruning keeps int(C * (1 - ratio)) of a layer's C channels
@@ -92,8 +97,7 @@ def max_ratio(model, cfg, num_classes):
     ignored |= {id(resolve(model, p, "ignore")) for p in cfg.ignore}
     ignored |= {id(resolve(model, p, "layers")) for p in cfg.layers}   # their own ratios apply
     step = cfg.round_to or 1
-    widths = [(path, m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
-              for path, m in model.named_modules()
+    widths = [(path, width(m)) for path, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in ignored]
     if not widths:
         return None, None
@@ -111,10 +115,9 @@ def check_layers(model, cfg, num_classes):
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in ignored or path in cfg.ignore:
             raise CompressError(f"stages.{cfg.name}.layers: '{path}' is not a prunable Conv2d/Linear "
                                 "(the classifier and `ignore` paths are left whole)")
-        width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        if int(width * (1 - r)) < step:
+        if int(width(m) * (1 - r)) < step:
             raise CompressError(f"stages.{cfg.name}.layers.{path}: {r:g} would leave it no channel; "
-                                f"at most {max(0.0, 1 - step / width):.4f} (with round_to {step})")
+                                f"at most {max(0.0, 1 - step / width(m)):.4f} (with round_to {step})")
 
 
 def check_ratio(model, cfg, num_classes, ratio, field):
@@ -122,11 +125,9 @@ def check_ratio(model, cfg, num_classes, ratio, field):
     top, layer = max_ratio(model, cfg, num_classes)
     if top is None:
         raise CompressError(f"stages.{cfg.name}: nothing to prune (every Conv2d/Linear is ignored or the classifier)")
-    m = model.get_submodule(layer)
-    width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
     # torch-pruning's own arithmetic: the narrowest layer keeps int(C * (1 - ratio)) channels
     # (exact at boundaries such as 16 channels, ratio 0.5, round_to 8, which `top` excludes)
-    if int(width * (1 - ratio)) < (cfg.round_to or 1):
+    if int(width(model.get_submodule(layer)) * (1 - ratio)) < (cfg.round_to or 1):
         raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' no channel; "
                             f"at most {top:.4f} for this model (with round_to {cfg.round_to or 1})")
 
