@@ -225,7 +225,9 @@ class QConv2d(_QWeighted):
         if self.bn is not None and self.training and not self._bn_frozen:
             f = self._bn_factor().reshape(-1, 1, 1, 1)
             wq = self.quantized_weight_bias(self.conv.weight * f, None)[0]
-            y = self._conv(x, wq, None) / f.reshape(1, -1, 1, 1)
+            # times 1/f, not / f: the backward of a broadcast product is one multiply and a
+            # sum per channel, that of a quotient four passes over the activation
+            y = self._conv(x, wq, None) * f.reciprocal().reshape(1, -1, 1, 1)
             if self.conv.bias is not None:
                 y = y + self.conv.bias.reshape(1, -1, 1, 1)
             return self._finish(self.bn(y))  # batch statistics; updates running stats
