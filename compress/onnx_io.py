@@ -385,16 +385,18 @@ def check_fp32_parity(path, model: nn.Module, images, atol: float = 1e-4) -> flo
     return err
 
 
-def check_int8_agreement(path, qmodel: nn.Module, images, min_agreement: float = 0.99) -> float:
+def check_int8_agreement(path, qmodel: nn.Module, images, min_agreement: float = 0.99,
+                         logits: np.ndarray | None = None) -> float:
     """Fraction of `images` (float32 [0, 1]) on which the INT8 file's top-1 class equals
     the eval-mode fake-quant `qmodel`'s. Raises CompressError below `min_agreement`.
+    `logits`: the file's onnxruntime logits on `images`, when the caller already has them.
 
     >>> check_int8_agreement("model_int8.onnx", qmodel, test_images[:256])  # doctest: +SKIP
     1.0
     """
     mean, std = _normalization(path)
     ref = _torch_logits(qmodel, images, mean, std)
-    got = ort_logits(path, images)
+    got = ort_logits(path, images) if logits is None else logits
     if got.shape != ref.shape or not len(ref):
         raise CompressError(f"{path}: onnxruntime logits have shape {got.shape}, "
                             f"torch {ref.shape}")
