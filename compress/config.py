@@ -173,6 +173,8 @@ class TrainingSpec(Spec):
 
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    steps_per_epoch: Optional[int] = Field(None, ge=1, description="optimizer steps per epoch, each on a "
+                                           "fresh shuffled batch (at most one pass); None: a whole pass")
     optimizer: OptimizerSpec = OptimizerSpec()
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup: float = Field(0.25, ge=0, lt=1, description="OneCycle warm-up fraction")

@@ -1,6 +1,7 @@
 """The one training loop (plain training, KD and QAT all use it), evaluation, optimizers
 and schedules."""
 
+import itertools
 import time
 import zlib
 from contextlib import nullcontext
@@ -210,6 +211,8 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     optimizer = build_optimizer(spec, params)
     data = ctx.data.train
     steps = num_batches(len(data), spec.batch_size, drop_last=True)
+    if spec.steps_per_epoch:   # a partial epoch: the first steps of each fresh shuffle
+        steps = min(steps, spec.steps_per_epoch)
     scheduler = build_scheduler(spec, optimizer, steps * spec.epochs)
     gen = ctx.generator(salt=zlib.crc32(name.encode()))
     averaged = None
@@ -225,8 +228,9 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     for epoch in range(spec.epochs):
         if on_epoch_start:
             on_epoch_start(epoch)
-        batches = iterate(data, ctx.data, spec.batch_size, shuffle=True, augment=spec.augment,
-                          generator=gen, channels_last=True, drop_last=True, shard=shard)
+        batches = itertools.islice(iterate(data, ctx.data, spec.batch_size, shuffle=True, augment=spec.augment,
+                                           generator=gen, channels_last=True, drop_last=True, shard=shard),
+                                   steps)
         m = train_one_epoch(model, step_objective, optimizer, scheduler, batches, ctx, steps=steps,
                             desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size // shard[1],
                             after_step=averaged.update_parameters if averaged is not None else None)

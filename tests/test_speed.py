@@ -72,6 +72,20 @@ def test_default_evaluates_every_epoch_on_the_whole_test_set(tmp_path):
     assert [h["test_images"] for h in history] == [N_TEST, N_TEST]
 
 
+def test_steps_per_epoch_trains_a_partial_epoch_on_the_whole_schedule(tmp_path):
+    wd, history, _ = _run(tmp_path, epochs=2, steps_per_epoch=3, schedule="onecycle")
+    assert [h["steps"] for h in history] == [3, 3]         # of N_TRAIN // BATCH = 4 per pass
+    # OneCycle spans the 6 steps taken: the last step runs at the schedule's floor, lr / 25e3
+    assert history[-1]["lr"] == pytest.approx(0.1 / 25e3, rel=1e-3)
+    acc = EventAccumulator(str(wd / "runs" / "tiny" / "tb" / "teacher"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("top1/test")] == [3, 6]
+    # more than a pass is clipped to a pass
+    (tmp_path / "more").mkdir()
+    _, history, _ = _run(tmp_path / "more", epochs=1, steps_per_epoch=100)
+    assert history[0]["steps"] == N_TRAIN // BATCH
+
+
 def test_ema_result_is_the_average(tmp_path):
     import torch
 
