@@ -2,6 +2,7 @@
 and schedules."""
 
 import itertools
+import os
 import time
 import zlib
 from contextlib import nullcontext
@@ -59,11 +60,19 @@ class RunContext:
         return g
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which it has no bf16 dot product
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def native_bf16(device):
     """Whether `device` computes bf16 convolutions and matmuls in hardware: CUDA, or a CPU with
-    AMX tiles or AVX512-BF16 (elsewhere oneDNN emulates bf16, slower than fp32)."""
+    AMX tiles or AVX512-BF16 (elsewhere oneDNN emulates bf16, slower than fp32) that oneDNN
+    is not capped below (``ONEDNN_MAX_CPU_ISA=AVX2`` runs as on an AVX2-only CPU)."""
     if device.type == "cuda":
         return True
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    if cap.strip().upper() in _NO_BF16_ISAS:
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None)]
     return any(bool(f()) for f in checks if f is not None)

@@ -241,6 +241,11 @@ def test_precision_resolution(monkeypatch):
     assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert use_bf16("auto", cpu) and not use_bf16("fp32", cpu)
+    # oneDNN capped below bf16 (how an AVX2-only CPU is emulated): auto is fp32 there too
+    for cap, native in (("AVX2", False), ("avx512_core_vnni", False), ("AVX512_CORE_AMX", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert use_bf16("auto", cpu) is native, cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert use_bf16("auto", torch.device("cuda")) and not use_bf16("fp32", torch.device("cuda"))
 
 
