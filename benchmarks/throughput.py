@@ -76,6 +76,10 @@ def machine_lines(threads):
              + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in FLAGS),
              f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
              f"onnxruntime {onnxruntime.__version__}, torch threads {threads}"]
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)}
+    lines.append(f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
+                 + (f" (capped: {' '.join(f'{k}={v}' for k, v in caps.items())}; onnxruntime is not capped)"
+                    if caps else ""))
     if torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name(0)}")
     return lines
