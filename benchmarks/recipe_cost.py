@@ -15,6 +15,11 @@ It prints the machine (lscpu model and flags, library versions, threads), the st
 the ratio wall / plain epoch, and the default recipe's targets: ratio <= 6, INT8 top-1 >= 92.5%
 in onnxruntime, <= 10% of the teacher's parameters, INT8 file <= 4% of the teacher's FP32
 file, INT8 batch-64 latency <= 0.75x its FP32 twin's.
+
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/recipe_cost.py
+
+runs PyTorch's side as on an AVX2-only CPU (ATen's kernels and oneDNN capped, `precision:
+auto` resolving to fp32); onnxruntime cannot be capped, so its INT8 ratio stays this CPU's.
 """
 
 import argparse
