@@ -128,6 +128,11 @@ def test_int8_agrees_with_fake_quant(models):
     assert agreement >= 0.99
     logits = ort_logits(models["int8"], x, batch_size=100)  # batches must not matter
     assert (logits.argmax(1) == y.numpy()).mean() > 0.9  # and the model did learn
+    # the caller's logits (one onnxruntime pass shared with the top-1) are the ones checked
+    assert check_int8_agreement(models["int8"], models["qmodel"], x, logits=logits) == agreement
+    shifted = np.roll(logits, 1, axis=1)
+    with pytest.raises(CompressError, match="agrees with the fake-quant model on only"):
+        check_int8_agreement(models["int8"], models["qmodel"], x, logits=shifted)
 
 
 def test_int8_agreement_detects_other_model(models):
