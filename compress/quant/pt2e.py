@@ -438,8 +438,9 @@ def set_qat_phase(q: PT2EModel, *, observers: bool, bn_stats: bool) -> None:
 
 
 def to_int8_module(q: PT2EModel, float_first_conv: bool = False) -> Int8Graph:
-    """(`float_first_conv` is the eager backend's option; every conv here is integer.) Fold BN (``fold_bn``) in an eval-mode copy of `q` and convert it with torchao's
-    ``convert_pt2e`` into a graph of int8 weights and quantize/dequantize ops."""
+    """Fold BN (``fold_bn``) in an eval-mode copy of `q` and convert it with torchao's
+    ``convert_pt2e`` into a graph of int8 weights and quantize/dequantize ops. Every conv is
+    integer here: `float_first_conv` is the eager backend's option, accepted for one signature."""
     pt2e, qpt2e, _ = _torchao()
     if not isinstance(q, PT2EModel):
         raise CompressError(f"to_int8_module needs a model made by quantize_model, got {type(q).__name__}")

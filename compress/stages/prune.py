@@ -72,7 +72,7 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     """Prune `model` in place with torch-pruning's dependency graph (channels coupled
     through residual adds and depthwise convs are removed together); returns it."""
     example = torch.zeros(1, *input_shape)
-    ignored = classifier_layers(model, num_classes) + [resolve(model, p, "ignore") for p in cfg.ignore]
+    ignored = left_whole(model, cfg, num_classes)
     per_layer = {resolve(model, p, f"stages.{cfg.name}.layers"): r for p, r in cfg.layers.items()}
     pruner = tp.pruner.BasePruner(
         model, example, importance=IMPORTANCES[cfg.importance](), global_pruning=cfg.global_,
@@ -83,9 +83,20 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     return model
 
 
+def left_whole(model, cfg, num_classes):
+    """The modules pruning never narrows: the classifier and the `ignore` paths."""
+    return classifier_layers(model, num_classes) + [resolve(model, p, "ignore") for p in cfg.ignore]
+
+
 def width(m):
     """Output channels of a Conv2d, output features of a Linear: what pruning removes."""
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def largest_ratio(c, step):
+    """The largest ratio that leaves a layer of `c` channels at least `step` of them:
+    keep = int(c * (1 - r)) >= step  <=>  r <= 1 - step / c (less a hair for float rounding)."""
+    return max(0.0, 1 - step / c - 1e-9)
 
 
 def max_ratio(model, cfg, num_classes):
@@ -93,8 +104,7 @@ def max_ratio(model, cfg, num_classes):
     the layer that sets it. torch-pruning keeps int(C * (1 - ratio)) of a layer's C channels
     (rounded down to `round_to`) and silently skips a layer it would empty, so above this
     ratio fewer channels would be pruned, not more."""
-    ignored = {id(m) for m in classifier_layers(model, num_classes)}
-    ignored |= {id(resolve(model, p, "ignore")) for p in cfg.ignore}
+    ignored = {id(m) for m in left_whole(model, cfg, num_classes)}
     ignored |= {id(resolve(model, p, "layers")) for p in cfg.layers}   # their own ratios apply
     step = cfg.round_to or 1
     widths = [(path, width(m)) for path, m in model.named_modules()
@@ -102,22 +112,21 @@ def max_ratio(model, cfg, num_classes):
     if not widths:
         return None, None
     path, c = min(widths, key=lambda w: w[1])
-    # keep = int(c * (1 - r)) >= step  <=>  r <= 1 - step / c (less a hair for float rounding)
-    return max(0.0, 1 - step / c - 1e-9), path
+    return largest_ratio(c, step), path
 
 
 def check_layers(model, cfg, num_classes):
     """The `layers` paths name prunable layers, and no per-layer ratio empties its layer."""
-    ignored = {id(m) for m in classifier_layers(model, num_classes)}
+    ignored = {id(m) for m in left_whole(model, cfg, num_classes)}
     step = cfg.round_to or 1
     for path, r in cfg.layers.items():
         m = resolve(model, path, f"stages.{cfg.name}.layers")
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in ignored or path in cfg.ignore:
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in ignored:
             raise CompressError(f"stages.{cfg.name}.layers: '{path}' is not a prunable Conv2d/Linear "
                                 "(the classifier and `ignore` paths are left whole)")
         if int(width(m) * (1 - r)) < step:
             raise CompressError(f"stages.{cfg.name}.layers.{path}: {r:g} would leave it no channel; "
-                                f"at most {max(0.0, 1 - step / width(m)):.4f} (with round_to {step})")
+                                f"at most {largest_ratio(width(m), step):.4f} (with round_to {step})")
 
 
 def check_ratio(model, cfg, num_classes, ratio, field):
