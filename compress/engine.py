@@ -99,6 +99,31 @@ class Frozen(nn.Module):
             return self.module(x)
 
 
+def fold_batchnorm(model):
+    """An inference copy of `model` with every BatchNorm that follows a convolution (or a
+    linear layer) folded into its weights (torch.fx), in channels_last; `model` itself when
+    there is nothing to fold or it cannot be traced symbolically. Same function up to
+    rounding (fp32: ~1e-5 on vgg_small's logits); for teacher passes and learning-curve
+    evaluations, where it saves a memory pass per BatchNorm (teacher logits over the
+    training set: 1.1x faster in fp32, 1.2x in bf16 on a 2-core Xeon). `model` is
+    put in eval mode (folding uses the running statistics)."""
+    from torch.fx.experimental.optimization import fuse
+
+    def norms(m):
+        return sum(isinstance(x, nn.modules.batchnorm._BatchNorm) for x in m.modules())
+
+    before = norms(model)
+    if not before:
+        return model
+    try:
+        folded = fuse(model.eval(), inplace=False)
+    except Exception:   # noqa: BLE001 - data-dependent control flow etc.: run the model unfolded
+        return model
+    if norms(folded) == before:
+        return model
+    return folded.to(memory_format=torch.channels_last)
+
+
 def build_optimizer(spec, params):
     o = spec.optimizer
     params = [p for p in params if p.requires_grad]
@@ -189,11 +214,12 @@ def predict(model, split, ctx, batch_size=None, channels_last=None, exact=False)
     cl = channels_last if channels_last is not None else True
     was = model.training
     model.eval()
+    net = model if exact else fold_batchnorm(model)   # exact: the model as it is, as it is exported
     outs = []
     amp = nullcontext() if exact else ctx.autocast()
     for b in iterate(split, ctx.data, bs, channels_last=cl):
         with amp:
-            outs.append(model(b.x).float())
+            outs.append(net(b.x).float())
     model.train(was)
     return torch.cat(outs)
 

@@ -113,7 +113,7 @@ def test_defaults_filled_in_code(tiny_recipe_dict):
     assert distill.optimizer.name == "sgd" and distill.schedule == "onecycle"
     assert distill.augment.deterministic
     assert (qat.weight_bits, qat.act_bits) == (7, 8)
-    assert recipe.data.eval_batch_size == 256 and recipe.data.train_subset is None
+    assert recipe.data.eval_batch_size == 128 and recipe.data.train_subset is None
 
 
 def test_parse_does_not_mutate_input(tiny_recipe_dict):

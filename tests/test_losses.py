@@ -114,3 +114,59 @@ def test_weights_scale_terms():
     obj = Objective([CESpec(weight=0.5)], student)
     loss, parts, logits = obj(student, Batch(x, y, torch.arange(4)))
     assert loss.item() == pytest.approx(0.5 * nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_online_teacher_runs_with_batchnorm_folded():
+    """A logits-only teacher pass runs a folded copy: same logits (to rounding), fewer BatchNorms,
+    the teacher's own modules untouched and no teacher parameter trained."""
+    from compress.engine import fold_batchnorm
+
+    torch.manual_seed(0)
+    student, teacher = _pair()
+    for m in teacher.modules():   # non-trivial running statistics, so folding changes the weights
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 1])
+    obj = Objective([KDSpec(T=2.0)], student, teacher)
+    calls = []
+    hook = teacher.module.register_forward_hook(lambda *a: calls.append(1))
+    loss, parts, logits = obj(student, Batch(x, y, torch.arange(4)))
+    hook.remove()
+    assert calls == []   # the unfolded teacher did not run
+    folded = obj._folded_teacher()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    expected = kd_loss(logits, teacher(x), T=2.0)
+    assert parts["kd"].item() == pytest.approx(expected.item(), rel=1e-4)
+    assert not any(p.requires_grad for p in folded.parameters())
+    assert all(p is not q for p in obj.parameters() for q in folded.parameters())
+    assert fold_batchnorm(teacher.module) is not teacher.module
+
+
+def test_fold_batchnorm_keeps_the_function_or_the_model():
+    from compress.engine import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = VGG([8, "M", 16], in_channels=1, num_classes=3)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(5, 1, 8, 8)
+    folded = fold_batchnorm(net)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 0
+    assert torch.allclose(folded(x), net(x), atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 2   # the original is kept
+
+    class Branchy(nn.Module):   # data-dependent control flow: not symbolically traceable
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    branchy = Branchy()
+    assert fold_batchnorm(branchy) is branchy
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    assert fold_batchnorm(plain) is plain

@@ -187,8 +187,11 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
         return None
     key = ("teacher_logits", teacher_name, views)
     if key not in ctx.cache:
+        from ..engine import Frozen, fold_batchnorm
+
         bs = ctx.recipe.data.eval_batch_size
         train = ctx.data.train
+        net = fold_batchnorm(teacher.module if isinstance(teacher, Frozen) else teacher)
 
         def rows(idx):   # [len(idx), views, classes]
             part = train if len(idx) == len(train) else Split(train.x[idx], train.y[idx])
@@ -197,7 +200,7 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
                 for v in range(views):
                     batches = iterate(part, ctx.data, bs, channels_last=True, flip_all=bool(v))
                     with ctx.autocast():
-                        out.append(torch.cat([teacher(b.x).float() for b in batches]))
+                        out.append(torch.cat([net(b.x).float() for b in batches]))
             return torch.stack(out, 1)
 
         ctx.cache[key] = distributed.gather_rows(rows, len(train), train.x.device).transpose(0, 1).contiguous()
