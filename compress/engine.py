@@ -85,18 +85,38 @@ def use_bf16(precision, device):
 
 class Frozen(nn.Module):
     """A teacher frozen by construction: eval mode that ``train()`` cannot undo, no grads,
-    forward under ``torch.no_grad()``. Feature hooks attach to ``.module``'s paths."""
+    forward under ``torch.no_grad()``. Feature hooks attach to ``.module``'s paths;
+    :meth:`logits` runs :attr:`folded`, which they do not see."""
 
     def __init__(self, module):
         super().__init__()
+        self._folded = []   # built on first use; a list, so not a submodule (nor its parameters)
         self.module = module.eval().requires_grad_(False)
 
     def train(self, mode=True):
         return super().train(False)
 
+    def _apply(self, fn, *args, **kwargs):   # .to() / .float() / ...: fold the moved weights again
+        self._folded.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def folded(self):
+        """``.module`` with each BatchNorm folded into the layer before it
+        (:func:`fold_batchnorm`); the weights never change, so it is built once."""
+        if not self._folded:
+            self._folded.append(fold_batchnorm(self.module).requires_grad_(False))
+        return self._folded[0]
+
     def forward(self, x):
         with torch.no_grad():
             return self.module(x)
+
+    def logits(self, x):
+        """The teacher's output for passes that need no feature of it (the logit cache, KD on
+        logits): computed by :attr:`folded`, one memory pass fewer per BatchNorm."""
+        with torch.no_grad():
+            return self.folded(x)
 
 
 def fold_batchnorm(model):

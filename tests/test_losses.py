@@ -133,7 +133,7 @@ def test_online_teacher_runs_with_batchnorm_folded():
     loss, parts, logits = obj(student, Batch(x, y, torch.arange(4)))
     hook.remove()
     assert calls == []   # the unfolded teacher did not run
-    folded = obj._folded_teacher()
+    folded = teacher.folded
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
     expected = kd_loss(logits, teacher(x), T=2.0)
@@ -170,3 +170,13 @@ def test_fold_batchnorm_keeps_the_function_or_the_model():
     assert fold_batchnorm(branchy) is branchy
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     assert fold_batchnorm(plain) is plain
+
+
+def test_frozen_teacher_refolds_after_a_move():
+    _, teacher = _pair()
+    first = teacher.folded
+    assert teacher.folded is first   # built once
+    teacher.to(torch.float64)
+    assert teacher.folded is not first and next(teacher.folded.parameters()).dtype == torch.float64
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    assert torch.allclose(teacher.logits(x), teacher(x), atol=1e-8)

@@ -182,7 +182,6 @@ class Objective(nn.Module):
         self.weights = {n: s.weight for n, s in zip(self.names, specs)}
         self.teacher = teacher
         self.teacher_logits = teacher_logits
-        self._folded = []   # the teacher with BatchNorm folded, built on first use (a list: not a submodule)
         s_paths = [p for t in terms.values() for p in t.student_layers()]
         t_paths = [p for t in terms.values() for p in t.teacher_layers()]
         self.s_taps = FeatureTaps(student, s_paths, "student_layer")
@@ -221,15 +220,6 @@ class Objective(nn.Module):
         student.train(was)
         return s_shapes, t_shapes
 
-    def _folded_teacher(self):
-        """The frozen teacher with each BatchNorm folded into the layer before it
-        (:func:`compress.engine.fold_batchnorm`), for teacher passes that need only logits."""
-        if not self._folded:
-            from ..engine import fold_batchnorm
-
-            self._folded.append(fold_batchnorm(self.teacher.module).requires_grad_(False))
-        return self._folded[0]
-
     def forward(self, model, batch):
         with self.s_taps.attached():
             logits = model(batch.x)
@@ -239,8 +229,7 @@ class Objective(nn.Module):
             if self.teacher_logits is not None and not self.teacher_features_needed:
                 teacher = Outputs(self.teacher_logits[batch.view, batch.index])
             elif not self.teacher_features_needed:   # logits only: no module output to keep
-                with torch.no_grad():
-                    teacher = Outputs(self._folded_teacher()(batch.x))
+                teacher = Outputs(self.teacher.logits(batch.x))
             else:
                 with self.t_taps.attached():
                     t_logits = self.teacher(batch.x)

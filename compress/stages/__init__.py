@@ -175,7 +175,8 @@ def teacher_key(cfg):
 
 
 def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any hashable key
-    """Teacher logits for every training image in every view the batches can show
+    """The :class:`~compress.engine.Frozen` `teacher`'s logits (``teacher.logits``: BatchNorm
+    folded) for every training image in every view the batches can show
     ([views, N, classes]), computed once per run and cached; None when the batch transform
     has no finite set of views (random crops), so the teacher must run on each batch.
     Under torchrun each process computes its shard of the images and all gather the table."""
@@ -187,11 +188,8 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
         return None
     key = ("teacher_logits", teacher_name, views)
     if key not in ctx.cache:
-        from ..engine import Frozen, fold_batchnorm
-
         bs = ctx.recipe.data.eval_batch_size
         train = ctx.data.train
-        net = fold_batchnorm(teacher.module if isinstance(teacher, Frozen) else teacher)
 
         def rows(idx):   # [len(idx), views, classes]
             part = train if len(idx) == len(train) else Split(train.x[idx], train.y[idx])
@@ -200,7 +198,7 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
                 for v in range(views):
                     batches = iterate(part, ctx.data, bs, channels_last=True, flip_all=bool(v))
                     with ctx.autocast():
-                        out.append(torch.cat([net(b.x).float() for b in batches]))
+                        out.append(torch.cat([teacher.logits(b.x).float() for b in batches]))
             return torch.stack(out, 1)
 
         ctx.cache[key] = distributed.gather_rows(rows, len(train), train.x.device).transpose(0, 1).contiguous()
