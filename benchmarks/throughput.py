@@ -80,6 +80,9 @@ def machine_lines(threads):
     lines.append(f"torch kernels: {torch.backends.cpu.get_cpu_capability()}"
                  + (f" (capped: {' '.join(f'{k}={v}' for k, v in caps.items())}; onnxruntime is not capped)"
                     if caps else ""))
+    if os.environ.get("COMPRESS_CPU_AS"):
+        lines.append(f"run as an {os.environ['COMPRESS_CPU_AS']} CPU (benchmarks/cpu_as.py: CPUID and "
+                     "/proc/cpuinfo hide the rest; flags above as seen)")
     if torch.cuda.is_available():
         lines.append(f"gpu: {torch.cuda.get_device_name(0)}")
     return lines

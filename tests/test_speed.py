@@ -3,6 +3,11 @@ INT8 graph that make it fast (no layout transposes, pools and flatten kept integ
 
 import json
 import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -294,3 +299,69 @@ def test_precision_refused_with_its_path(tmp_path):
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(CompressError, match=r"precision: .*'auto', 'bf16' or 'fp32'"):
         load_recipe(tmp_path / "b.yaml")
+
+
+# ---- benchmarks/cpu_as.py: a process run as on an older x86 CPU ------------------------------
+
+CPU_AS = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_as.py"
+
+
+def _host_flags():
+    try:
+        return {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                for f in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+needs_cpuid_fault = pytest.mark.skipif(
+    "cpuid_fault" not in _host_flags() or not (shutil.which("cc") or shutil.which("gcc")),
+    reason="needs a CPU with CPUID faulting (Linux x86_64) and a C compiler")
+
+
+def _cpu_as(kind, code):
+    return subprocess.run([sys.executable, str(CPU_AS), kind, "--", sys.executable, "-X", "faulthandler",
+                           "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def _flags(text):
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+@needs_cpuid_fault
+def test_cpu_as_avx2_hides_avx512_vnni_and_amx_from_every_library():
+    r = _cpu_as("avx2", "import torch, subprocess; print(torch.backends.cpu.get_cpu_capability()); "
+                        "print(torch.cpu._is_vnni_supported(), torch.cpu._is_amx_tile_supported()); "
+                        "print(open('/proc/cpuinfo').read()); print(subprocess.run(['sh', '-c', "
+                        "'grep ^flags /proc/cpuinfo'], capture_output=True, text=True).stdout)")
+    assert r.returncode == 0, r.stderr
+    cap, support, rest = r.stdout.split("\n", 2)
+    assert (cap, support) == ("AVX2", "False False")
+    flags = _flags(rest)
+    assert "avx2" in flags and "fma" in flags
+    assert not flags & {"avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16"}
+    assert "avx512f" in _host_flags() or "avx2" in _host_flags()   # the host's own view is untouched
+
+
+@needs_cpuid_fault
+@pytest.mark.skipif("avx512_vnni" not in _host_flags(), reason="the host has no AVX512-VNNI to keep")
+def test_cpu_as_avx512_vnni_keeps_vnni_and_hides_amx():
+    r = _cpu_as("avx512_vnni", "import torch; print(torch.backends.cpu.get_cpu_capability(), "
+                               "torch.cpu._is_vnni_supported(), torch.cpu._is_amx_tile_supported(), "
+                               "torch.cpu._is_avx512_bf16_supported())")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["AVX512", "True", "False", "False"]
+
+
+@needs_cpuid_fault
+def test_cpu_as_leaves_the_programs_own_segfault_handler_working():
+    r = _cpu_as("avx2", "import ctypes; ctypes.string_at(0)")
+    assert r.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in r.stderr
+
+
+def test_cpu_as_refuses_an_unknown_kind_and_a_missing_command():
+    r = subprocess.run([sys.executable, str(CPU_AS), "avx1", "--", "true"], capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'avx1'" in r.stderr and "avx2" in r.stderr
+    r = subprocess.run([sys.executable, str(CPU_AS), "avx2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no command given" in r.stderr
