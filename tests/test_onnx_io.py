@@ -14,8 +14,8 @@ from torch import nn
 from compress.errors import CompressError
 from compress.models import VGG
 from compress.onnx_io import (NORMALIZATION_KEY, check_fp32_parity, check_int8_agreement,
-                              export_onnx, int8_kernels, ort_latency_ms, ort_logits,
-                              ort_session)
+                              export_onnx, int8_kernels, ort_latency_ms, ort_latency_side_by_side,
+                              ort_logits, ort_session)
 from compress.quant import QuantSpec, calibrate, quantize_model, set_qat_phase, to_int8_module
 
 SHAPE = (1, 16, 16)
@@ -167,6 +167,29 @@ def test_channels_last_exports_like_nchw_and_quietly(tmp_path, models, capfd):
 def test_latency(models):
     lat = ort_latency_ms(models["int8"], 4, warmup=1, runs=5, threads=1)
     assert set(lat) == {"median", "p90"} and 0 < lat["median"] <= lat["p90"]
+
+
+def test_sessions_timed_in_turns_stop_spinning_after_each_run(models, monkeypatch):
+    """Sessions timed in turns: each one's worker threads stop spinning when its Run returns,
+    so the next file timed does not share the cores with them."""
+    import onnxruntime as ort
+
+    made = []
+
+    class Spy(ort.InferenceSession):
+        def __init__(self, path, so, **kw):
+            try:
+                made.append(so.get_session_config_entry("session.force_spinning_stop"))
+            except Exception:   # onnxruntime raises for a key never set
+                made.append(None)
+            super().__init__(path, so, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", Spy)
+    lats = ort_latency_side_by_side([models["int8"], models["fp32"]], 2, warmup=1, runs=3, threads=2)
+    assert made == ["1", "1"] and len(lats) == 2
+    made.clear()
+    ort_logits(models["fp32"], torch.rand(2, *SHAPE))   # inference only: onnxruntime's default
+    assert made == [None]
 
 
 class DataDependent(nn.Module):
