@@ -16,10 +16,11 @@ the ratio wall / plain epoch, and the default recipe's targets: ratio <= 6, INT8
 in onnxruntime, <= 10% of the teacher's parameters, INT8 file <= 4% of the teacher's FP32
 file, INT8 batch-64 latency <= 0.75x its FP32 twin's.
 
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/recipe_cost.py
+    python benchmarks/cpu_as.py avx2 -- python benchmarks/recipe_cost.py
 
-runs PyTorch's side as on an AVX2-only CPU (ATen's kernels and oneDNN capped, `precision:
-auto` resolving to fp32); onnxruntime cannot be capped, so its INT8 ratio stays this CPU's.
+runs all of it as on an AVX2-only CPU: CPUID and /proc/cpuinfo hide AVX-512, VNNI and AMX, so
+PyTorch (ATen, oneDNN), onnxruntime's MLAS and `precision: auto` (fp32 there) choose that CPU's
+kernels (see cpu_as.py; the core, caches and clocks stay this machine's).
 """
 
 import argparse

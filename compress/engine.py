@@ -78,6 +78,30 @@ def native_bf16(device):
     return any(bool(f()) for f in checks if f is not None)
 
 
+def onednn_avx2_or_lower():
+    """Whether oneDNN runs its AVX2 (or older) kernels here: a CPU without AVX-512 (as CPUID
+    reports it) or oneDNN capped below it by ``ONEDNN_MAX_CPU_ISA``."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}:
+        return True
+    avx512 = getattr(getattr(torch, "cpu", None), "_is_avx512_supported", None)
+    return avx512 is not None and not avx512()
+
+
+def onednn_1x1_hazards(module, device):
+    """Paths of the trainable convolutions whose weight gradient oneDNN's AVX2 1x1 kernel
+    computes wrongly on `device`: 1x1, strided, fewer than 8 input channels per group, on a
+    CPU where oneDNN runs AVX2 kernels. With channels_last input that kernel writes past its
+    workspace (uxlfoundation/oneDNN#6035): measured here, run as an AVX2 CPU, a 1x1 stride-2
+    conv with 2-7 input channels hung, aborted with heap corruption or returned, at random;
+    with 1 or 8 and more, or stride 1, it never failed."""
+    if device.type != "cpu" or not onednn_avx2_or_lower():
+        return []
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Conv2d) and m.weight.requires_grad and m.kernel_size == (1, 1)
+            and m.stride != (1, 1) and 1 < m.in_channels // m.groups < 8]
+
+
 def use_bf16(precision, device):
     """The recipe's `precision` ('auto', 'bf16', 'fp32') resolved for `device`."""
     return precision == "bf16" or (precision == "auto" and native_bf16(device))
@@ -279,6 +303,29 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     # torchrun: `batch_size` is the global batch; each rank trains on its rows of it under DDP
     restore_bn = distributed.use_sync_batchnorm(model, spec.sync_batchnorm)
     step_objective, shard = distributed.wrap(model, objective, ctx.device), distributed.shard()
+    # oneDNN#6035: training such a conv in oneDNN on an AVX2 CPU corrupts memory; ATen's own
+    # convolutions (slower) train it correctly, so oneDNN sits out this stage
+    hazards = onednn_1x1_hazards(model, ctx.device) + onednn_1x1_hazards(objective, ctx.device)
+    mkldnn = torch.backends.mkldnn.enabled
+    if hazards and mkldnn:
+        if distributed.is_main():
+            print(f"  {name}: oneDNN off for this stage: its AVX2 kernel corrupts memory training a strided "
+                  f"1x1 conv with 2-7 input channels ({', '.join(hazards[:3])}{', ...' if len(hazards) > 3 else ''};"
+                  " oneDNN issue 6035)")
+        torch.backends.mkldnn.enabled = False
+    try:
+        history = _epochs(model, step_objective, optimizer, scheduler, spec, ctx, name, steps, gen, shard,
+                          averaged, on_epoch_start)
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+    restore_bn()
+    return history
+
+
+def _epochs(model, step_objective, optimizer, scheduler, spec, ctx, name, steps, gen, shard, averaged,
+            on_epoch_start):
+    """`fit`'s epochs: train, evaluate every ``eval_every``-th and the last, log."""
+    data = ctx.data.train
     history = []
     for epoch in range(spec.epochs):
         if on_epoch_start:
@@ -301,7 +348,6 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
         history.append(m)
         if ctx.logger:
             ctx.logger.epoch(name, epoch, m)
-    restore_bn()
     return history
 
 

@@ -365,3 +365,56 @@ def test_cpu_as_refuses_an_unknown_kind_and_a_missing_command():
     assert r.returncode == 2 and "invalid choice: 'avx1'" in r.stderr and "avx2" in r.stderr
     r = subprocess.run([sys.executable, str(CPU_AS), "avx2"], capture_output=True, text=True)
     assert r.returncode == 2 and "no command given" in r.stderr
+
+
+# ---- oneDNN's AVX2 1x1 weight-gradient kernel (uxlfoundation/oneDNN#6035) --------------------
+
+def test_onednn_1x1_hazards_are_the_strided_1x1_convs_with_2_to_7_input_channels(monkeypatch):
+    import torch
+    from torch import nn
+
+    from compress import engine
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 8, 1, stride=2), nn.Conv2d(8, 8, 1, stride=2),
+                          nn.Conv2d(4, 8, 1), nn.Conv2d(1, 8, 1, stride=2), nn.Conv2d(4, 4, 1, stride=2, groups=4),
+                          nn.Conv2d(7, 8, 1, stride=(1, 2)))
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "onednn_avx2_or_lower", lambda: True)
+    assert engine.onednn_1x1_hazards(model, cpu) == ["1", "6"]
+    assert engine.onednn_1x1_hazards(model, torch.device("cuda")) == []
+    model[1].requires_grad_(False)          # a frozen conv needs no weight gradient
+    assert engine.onednn_1x1_hazards(model, cpu) == ["6"]
+    monkeypatch.setattr(engine, "onednn_avx2_or_lower", lambda: False)
+    assert engine.onednn_1x1_hazards(model, cpu) == []
+
+
+def test_onednn_avx2_or_lower_follows_the_isa_cap(monkeypatch):
+    from compress import engine
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert engine.onednn_avx2_or_lower()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    import torch
+    assert engine.onednn_avx2_or_lower() == (not torch.cpu._is_avx512_supported())
+
+
+def test_stages_with_such_a_conv_train_without_onednn_and_restore_it(tiny_recipe_dict, tmp_path, monkeypatch,
+                                                                    capsys):
+    import torch
+
+    from compress import engine
+    from compress.config import parse_recipe
+    from compress.pipeline import run_recipe
+
+    tiny_recipe_dict["models"] = {"teacher": {"arch": "resnet20", "args": {"width": 0.125}}}
+    tiny_recipe_dict["stages"] = tiny_recipe_dict["stages"][:1]
+    monkeypatch.setattr(engine, "onednn_avx2_or_lower", lambda: True)
+    seen = []
+    real = engine.train_one_epoch
+    monkeypatch.setattr(engine, "train_one_epoch",
+                        lambda *a, **kw: seen.append(torch.backends.mkldnn.enabled) or real(*a, **kw))
+    assert torch.backends.mkldnn.enabled
+    run_recipe(parse_recipe(tiny_recipe_dict), workdir=tmp_path, device="cpu")
+    assert seen == [False] and torch.backends.mkldnn.enabled
+    out = capsys.readouterr().out
+    assert "teacher: oneDNN off for this stage" in out and "layer2.0.shortcut.0" in out
