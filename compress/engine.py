@@ -97,9 +97,37 @@ def onednn_1x1_hazards(module, device):
     with 1 or 8 and more, or stride 1, it never failed."""
     if device.type != "cpu" or not onednn_avx2_or_lower():
         return []
-    return [name for name, m in module.named_modules()
-            if isinstance(m, nn.Conv2d) and m.weight.requires_grad and m.kernel_size == (1, 1)
-            and m.stride != (1, 1) and 1 < m.in_channels // m.groups < 8]
+    hazards = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if _hazard(m.weight, m.stride):
+                hazards.append(name)
+        elif isinstance(m, torch.fx.GraphModule):     # a pt2e QAT model: convs are graph calls
+            for node in m.graph.nodes:
+                if node.op == "call_function" and node.target in (torch.ops.aten.conv2d.default,
+                                                                  torch.ops.aten.convolution.default):
+                    stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", (1, 1))
+                    if _hazard(_graph_param(m, node.args[1]), stride):
+                        hazards.append(f"{name}.{node.name}" if name else node.name)
+    return hazards
+
+
+def _hazard(weight, stride):
+    return (weight is not None and weight.requires_grad and weight.dim() == 4
+            and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) != (1, 1) and 1 < weight.shape[1] < 8)
+
+
+def _graph_param(gm, node, depth=8):
+    """The parameter a graph value comes from through single-input ops (the fake quantization
+    of a conv's weight, its BatchNorm scaling): follows first arguments to a get_attr."""
+    while isinstance(node, torch.fx.Node) and node.op != "get_attr" and node.args and depth:
+        node, depth = node.args[0], depth - 1
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        try:
+            return gm.get_parameter(node.target)
+        except AttributeError:
+            return None
+    return None
 
 
 def use_bf16(precision, device):

@@ -388,6 +388,21 @@ def test_onednn_1x1_hazards_are_the_strided_1x1_convs_with_2_to_7_input_channels
     assert engine.onednn_1x1_hazards(model, cpu) == []
 
 
+def test_onednn_1x1_hazards_found_in_a_pt2e_qat_graph(monkeypatch):
+    import torch
+
+    from compress import engine
+    from compress.quant import QuantSpec, quantize_model
+    from test_quant_pt2e import TinyResNet
+
+    monkeypatch.setattr(engine, "onednn_avx2_or_lower", lambda: True)
+    narrow = quantize_model(TinyResNet(width=4), QuantSpec(backend="pt2e"), (1, 16, 16))
+    found = engine.onednn_1x1_hazards(narrow, torch.device("cpu"))
+    assert len(found) == 1 and found[0].startswith("gm.conv")      # the stride-2 shortcut, 4 -> 8
+    wide = quantize_model(TinyResNet(width=8), QuantSpec(backend="pt2e"), (1, 16, 16))
+    assert engine.onednn_1x1_hazards(wide, torch.device("cpu")) == []
+
+
 def test_onednn_avx2_or_lower_follows_the_isa_cap(monkeypatch):
     from compress import engine
 
