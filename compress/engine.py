@@ -5,7 +5,7 @@ import itertools
 import os
 import time
 import zlib
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +128,27 @@ def _graph_param(gm, node, depth=8):
         except AttributeError:
             return None
     return None
+
+
+@contextmanager
+def _onednn_guard(model, objective, device, name):
+    """oneDNN off while `model` trains when it has a conv of ``onednn_1x1_hazards``
+    (oneDNN#6035 corrupts memory there; ATen's own, slower convolutions train it correctly),
+    with one line saying so; as it was afterwards."""
+    hazards = onednn_1x1_hazards(model, device) + onednn_1x1_hazards(objective, device)
+    enabled = torch.backends.mkldnn.enabled
+    if not (hazards and enabled):
+        yield
+        return
+    if distributed.is_main():
+        more = ", ..." if len(hazards) > 3 else ""
+        print(f"  {name}: oneDNN off for this stage: its AVX2 kernel corrupts memory training a strided "
+              f"1x1 conv with 2-7 input channels ({', '.join(hazards[:3])}{more}; oneDNN issue 6035)")
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 def use_bf16(precision, device):
@@ -331,51 +352,31 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     # torchrun: `batch_size` is the global batch; each rank trains on its rows of it under DDP
     restore_bn = distributed.use_sync_batchnorm(model, spec.sync_batchnorm)
     step_objective, shard = distributed.wrap(model, objective, ctx.device), distributed.shard()
-    # oneDNN#6035: training such a conv in oneDNN on an AVX2 CPU corrupts memory; ATen's own
-    # convolutions (slower) train it correctly, so oneDNN sits out this stage
-    hazards = onednn_1x1_hazards(model, ctx.device) + onednn_1x1_hazards(objective, ctx.device)
-    mkldnn = torch.backends.mkldnn.enabled
-    if hazards and mkldnn:
-        if distributed.is_main():
-            print(f"  {name}: oneDNN off for this stage: its AVX2 kernel corrupts memory training a strided "
-                  f"1x1 conv with 2-7 input channels ({', '.join(hazards[:3])}{', ...' if len(hazards) > 3 else ''};"
-                  " oneDNN issue 6035)")
-        torch.backends.mkldnn.enabled = False
-    try:
-        history = _epochs(model, step_objective, optimizer, scheduler, spec, ctx, name, steps, gen, shard,
-                          averaged, on_epoch_start)
-    finally:
-        torch.backends.mkldnn.enabled = mkldnn
-    restore_bn()
-    return history
-
-
-def _epochs(model, step_objective, optimizer, scheduler, spec, ctx, name, steps, gen, shard, averaged,
-            on_epoch_start):
-    """`fit`'s epochs: train, evaluate every ``eval_every``-th and the last, log."""
-    data = ctx.data.train
     history = []
-    for epoch in range(spec.epochs):
-        if on_epoch_start:
-            on_epoch_start(epoch)
-        batches = itertools.islice(iterate(data, ctx.data, spec.batch_size, shuffle=True, augment=spec.augment,
-                                           generator=gen, channels_last=True, drop_last=True, shard=shard),
-                                   steps)
-        m = train_one_epoch(model, step_objective, optimizer, scheduler, batches, ctx, steps=steps,
-                            desc=f"{name} {epoch + 1}/{spec.epochs}", batch_size=spec.batch_size // shard[1],
-                            after_step=averaged.update_parameters if averaged is not None else None)
-        last = epoch == spec.epochs - 1
-        if averaged is not None and last:   # the average is the result
-            model.load_state_dict(averaged.module.state_dict())
-        evaluated = averaged.module if averaged is not None and not last else model
-        if last or (spec.eval_every and (epoch + 1) % spec.eval_every == 0):
-            split = ctx.data.test
-            if not last and spec.eval_subset and spec.eval_subset < len(split):
-                split = Split(split.x[:spec.eval_subset], split.y[:spec.eval_subset])
-            m["test_top1"], m["test_images"] = evaluate(evaluated, ctx, split, exact=last), len(split)
-        history.append(m)
-        if ctx.logger:
-            ctx.logger.epoch(name, epoch, m)
+    with _onednn_guard(model, objective, ctx.device, name):
+        for epoch in range(spec.epochs):
+            if on_epoch_start:
+                on_epoch_start(epoch)
+            batches = itertools.islice(iterate(data, ctx.data, spec.batch_size, shuffle=True,
+                                               augment=spec.augment, generator=gen, channels_last=True,
+                                               drop_last=True, shard=shard), steps)
+            m = train_one_epoch(model, step_objective, optimizer, scheduler, batches, ctx, steps=steps,
+                                desc=f"{name} {epoch + 1}/{spec.epochs}",
+                                batch_size=spec.batch_size // shard[1],
+                                after_step=averaged.update_parameters if averaged is not None else None)
+            last = epoch == spec.epochs - 1
+            if averaged is not None and last:   # the average is the result
+                model.load_state_dict(averaged.module.state_dict())
+            evaluated = averaged.module if averaged is not None and not last else model
+            if last or (spec.eval_every and (epoch + 1) % spec.eval_every == 0):
+                split = ctx.data.test
+                if not last and spec.eval_subset and spec.eval_subset < len(split):
+                    split = Split(split.x[:spec.eval_subset], split.y[:spec.eval_subset])
+                m["test_top1"], m["test_images"] = evaluate(evaluated, ctx, split, exact=last), len(split)
+            history.append(m)
+            if ctx.logger:
+                ctx.logger.epoch(name, epoch, m)
+    restore_bn()
     return history
 
 
