@@ -433,3 +433,24 @@ def test_stages_with_such_a_conv_train_without_onednn_and_restore_it(tiny_recipe
     assert seen == [False] and torch.backends.mkldnn.enabled
     out = capsys.readouterr().out
     assert "teacher: oneDNN off for this stage" in out and "layer2.0.shortcut.0" in out
+
+
+@needs_cpuid_fault
+def test_a_narrow_resnet_trains_on_an_avx2_cpu(tmp_path):
+    """End to end, run as an AVX2 CPU: a width-0.125 ResNet-20 (stride-2 1x1 shortcuts on 2
+    and 4 channels) trains to the end (5 s); without the guard oneDNN#6035 hung it in 2 of 3
+    runs here."""
+    root = tmp_path / "fmnist"
+    write_fmnist(root, n_train=128, n_test=32)
+    raw = json.loads(json.dumps(TINY_RECIPE))
+    raw["data"]["root"] = str(root)
+    raw["models"] = {"teacher": {"arch": "resnet20", "args": {"width": 0.125}}}
+    raw["stages"] = raw["stages"][:1]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    r = subprocess.run([sys.executable, str(CPU_AS), "avx2", "--", sys.executable, "-m", "compress", "run",
+                        str(recipe), "--workdir", str(tmp_path / "wd"), "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "teacher: oneDNN off for this stage" in r.stdout
+    assert (tmp_path / "wd" / "runs" / "tiny" / "stages" / "teacher" / "result.json").exists()
