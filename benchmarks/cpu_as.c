@@ -108,23 +108,38 @@ static int masked_cpuinfo(void) {
   int in = real("/proc/cpuinfo", O_RDONLY);
   if (in < 0) return in;
   size_t cap = 1 << 16, len = 0;
-  char *buf = malloc(cap);
+  char *buf = malloc(cap), *grown;
   ssize_t got;
-  while ((got = read(in, buf + len, cap - len)) > 0)
-    if ((len += got) == cap) buf = realloc(buf, cap *= 2);
+  while (buf && (got = read(in, buf + len, cap - len)) > 0)
+    if ((len += got) == cap) {
+      grown = realloc(buf, cap *= 2);
+      if (!grown) free(buf);
+      buf = grown;
+    }
   close(in);
-  int out = memfd_create("cpuinfo", 0);
+  int out = buf ? memfd_create("cpuinfo", 0) : -1;
+  if (out < 0) {   /* no copy to serve: the file as it is */
+    free(buf);
+    return real("/proc/cpuinfo", O_RDONLY);
+  }
+  size_t n = 0;   /* filtered in place: the output never outgrows the input */
   for (size_t i = 0; i < len;) {
     size_t end = i;
     while (end < len && buf[end] != '\n') end++;
     int flagline = !strncmp(buf + i, "flags", 5);
-    for (size_t j = i, w; j < end; j = w) {
+    for (size_t j = i, w; j < end; j = w + 1) {
       for (w = j; w < end && buf[w] != ' '; w++) ;
-      if (!(flagline && w > j && is_hidden(buf + j, w - j))) (void)!write(out, buf + j, w - j);
-      if (w < end) { (void)!write(out, " ", 1); w++; }
+      if (flagline && w > j && is_hidden(buf + j, w - j)) continue;   /* the word and its space */
+      memmove(buf + n, buf + j, w - j + (w < end));
+      n += w - j + (w < end);
     }
-    if (end < len) (void)!write(out, "\n", 1);
+    if (end < len) buf[n++] = '\n';
     i = end + 1;
+  }
+  for (size_t done = 0; done < n;) {
+    ssize_t w = write(out, buf + done, n - done);
+    if (w <= 0) break;
+    done += w;
   }
   free(buf);
   lseek(out, 0, SEEK_SET);
