@@ -32,13 +32,18 @@ def die(message):
     sys.exit(2)
 
 
-def cpu_flags(cpuinfo="/proc/cpuinfo"):
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
+def flags_of(text):
+    """The flags of /proc/cpuinfo-format `text`."""
     return {f for line in text.splitlines() if line.startswith("flags")
             for f in line.split(":", 1)[1].split()}
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """This CPU's flags as /proc/cpuinfo lists them; empty when it cannot be read."""
+    try:
+        return flags_of(Path(cpuinfo).read_text())
+    except OSError:
+        return set()
 
 
 def library():

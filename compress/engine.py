@@ -60,8 +60,15 @@ class RunContext:
         return g
 
 
-# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which it has no bf16 dot product
-_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) under which it runs AVX2 kernels or
+# older, and those under which it has no bf16 dot product
+_AVX2_OR_LOWER_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}
+_NO_BF16_ISAS = _AVX2_OR_LOWER_ISAS | {"AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def _onednn_isa_cap():
+    """The ISA oneDNN is capped to by the environment, upper-cased; '' when not capped."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
 
 
 def native_bf16(device):
@@ -70,8 +77,7 @@ def native_bf16(device):
     is not capped below (``ONEDNN_MAX_CPU_ISA=AVX2`` runs as on an AVX2-only CPU)."""
     if device.type == "cuda":
         return True
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    if cap.strip().upper() in _NO_BF16_ISAS:
+    if _onednn_isa_cap() in _NO_BF16_ISAS:
         return False
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None)]
@@ -81,8 +87,7 @@ def native_bf16(device):
 def onednn_avx2_or_lower():
     """Whether oneDNN runs its AVX2 (or older) kernels here: a CPU without AVX-512 (as CPUID
     reports it) or oneDNN capped below it by ``ONEDNN_MAX_CPU_ISA``."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-    if cap in {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2"}:
+    if _onednn_isa_cap() in _AVX2_OR_LOWER_ISAS:
         return True
     avx512 = getattr(getattr(torch, "cpu", None), "_is_avx512_supported", None)
     return avx512 is not None and not avx512()

@@ -1,6 +1,7 @@
 """Evaluation every k epochs / on a subset, `bench --compare`, and the properties of the
 INT8 graph that make it fast (no layout transposes, pools and flatten kept integer)."""
 
+import importlib.util
 import json
 import re
 import shutil
@@ -306,26 +307,25 @@ def test_precision_refused_with_its_path(tmp_path):
 CPU_AS = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_as.py"
 
 
-def _host_flags():
-    try:
-        return {f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                for f in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
+def _load_cpu_as():
+    spec = importlib.util.spec_from_file_location("cpu_as", CPU_AS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu_as = _load_cpu_as()
+HOST_FLAGS = cpu_as.cpu_flags()
 
 
 needs_cpuid_fault = pytest.mark.skipif(
-    "cpuid_fault" not in _host_flags() or not (shutil.which("cc") or shutil.which("gcc")),
+    "cpuid_fault" not in HOST_FLAGS or not (shutil.which("cc") or shutil.which("gcc")),
     reason="needs a CPU with CPUID faulting (Linux x86_64) and a C compiler")
 
 
 def _cpu_as(kind, code):
     return subprocess.run([sys.executable, str(CPU_AS), kind, "--", sys.executable, "-X", "faulthandler",
                            "-c", code], capture_output=True, text=True, timeout=300)
-
-
-def _flags(text):
-    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
 
 
 @needs_cpuid_fault
@@ -337,14 +337,14 @@ def test_cpu_as_avx2_hides_avx512_vnni_and_amx_from_every_library():
     assert r.returncode == 0, r.stderr
     cap, support, rest = r.stdout.split("\n", 2)
     assert (cap, support) == ("AVX2", "False False")
-    flags = _flags(rest)
+    flags = cpu_as.flags_of(rest)
     assert "avx2" in flags and "fma" in flags
     assert not flags & {"avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16"}
-    assert "avx512f" in _host_flags() or "avx2" in _host_flags()   # the host's own view is untouched
+    assert "avx512f" in HOST_FLAGS or "avx2" in HOST_FLAGS   # the host's own view is untouched
 
 
 @needs_cpuid_fault
-@pytest.mark.skipif("avx512_vnni" not in _host_flags(), reason="the host has no AVX512-VNNI to keep")
+@pytest.mark.skipif("avx512_vnni" not in HOST_FLAGS, reason="the host has no AVX512-VNNI to keep")
 def test_cpu_as_avx512_vnni_keeps_vnni_and_hides_amx():
     r = _cpu_as("avx512_vnni", "import torch; print(torch.backends.cpu.get_cpu_capability(), "
                                "torch.cpu._is_vnni_supported(), torch.cpu._is_amx_tile_supported(), "
