@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import CompressError, did_you_mean, unknown
 from .storage import SafeName
@@ -180,6 +180,10 @@ class TrainingSpec(Spec):
     warmup: float = Field(0.25, ge=0, lt=1, description="OneCycle warm-up fraction")
     augment: AugmentSpec = AugmentSpec()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    progressive_resize: list[Annotated[int, Field(ge=4)]] = Field(
+        [], description="image side in pixels for each of the first epochs (e.g. [16, 20, 24]: "
+        "epoch 1 at 16x16, ...), images resized after augmentation; the later epochs, and every "
+        "evaluation, at the data's own size")
     # Measured on vgg_small (2 cores): a whole test-set pass costs ~6% of a teacher epoch
     # and ~3% of a pruned student's; the final evaluation always runs on the whole test set.
     eval_every: int = Field(1, ge=0, description="test top-1 after every k-th epoch (0: only after the last)")
@@ -189,6 +193,14 @@ class TrainingSpec(Spec):
                                  "average of the weights and BN statistics, which becomes the result")
     sync_batchnorm: bool = Field(False, description="torchrun on CUDA: BatchNorm statistics over the "
                                  "global batch (SyncBatchNorm); no effect in one process")
+
+    @model_validator(mode="after")
+    def _full_size_last(self):
+        if len(self.progressive_resize) >= self.epochs:
+            raise ValueError(f"progressive_resize: {len(self.progressive_resize)} sizes for {self.epochs} "
+                             "epochs; give fewer sizes than epochs, so that the last epoch trains at the "
+                             "data's own size")
+        return self
 
 
 @dataclass(frozen=True)

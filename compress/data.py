@@ -101,9 +101,11 @@ def augment_batch(x, crop, flip, generator):
 
 
 def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=None,
-            channels_last=False, drop_last=False, flip_all=False, shard=(0, 1)):
+            channels_last=False, drop_last=False, flip_all=False, shard=(0, 1), size=None):
     """Yield :class:`Batch` es of normalised (and optionally augmented) images by index.
     `flip_all` yields every image mirrored (view 1), e.g. to cache a teacher's outputs.
+    `size`: images resized to size x size (antialiased bilinear, after augmentation), e.g. a
+    progressive-resizing epoch; None: as stored.
     `shard` = (rank, world): yield only rows rank::world of each batch (one process's part of
     a global batch under torchrun; the same images and augmentation as in one process)."""
     n = len(split)
@@ -119,6 +121,8 @@ def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=N
         elif augment is not None and not augment.deterministic:
             x, flipped = augment_batch(x, augment.crop, augment.flip, generator)
             view = flipped.long()
+        if size is not None and tuple(x.shape[2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         m = torch.tensor(data.mean, device=dev).view(1, -1, 1, 1)
         s = torch.tensor(data.std, device=dev).view(1, -1, 1, 1)
         x = (x - m) / s

@@ -362,9 +362,10 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
         for epoch in range(spec.epochs):
             if on_epoch_start:
                 on_epoch_start(epoch)
+            size = spec.progressive_resize[epoch] if epoch < len(spec.progressive_resize) else None
             batches = itertools.islice(iterate(data, ctx.data, spec.batch_size, shuffle=True,
                                                augment=spec.augment, generator=gen, channels_last=True,
-                                               drop_last=True, shard=shard), steps)
+                                               drop_last=True, shard=shard, size=size), steps)
             m = train_one_epoch(model, step_objective, optimizer, scheduler, batches, ctx, steps=steps,
                                 desc=f"{name} {epoch + 1}/{spec.epochs}",
                                 batch_size=spec.batch_size // shard[1],

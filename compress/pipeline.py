@@ -300,6 +300,29 @@ def _reference(recipe):
     return recipe.stages[0].name
 
 
+def _check_resize(stage, i, skel, shape):
+    """A stage's `progressive_resize` sizes fit the data (no larger than its images) and the
+    model (it runs on the smallest)."""
+    sizes = getattr(stage, "progressive_resize", None)
+    if not sizes:
+        return
+    side = min(shape[1:])
+    if max(sizes) > side:
+        raise CompressError(f"stages[{i}].progressive_resize: {max(sizes)} px is larger than the data's "
+                            f"{shape[1]}x{shape[2]} images; give sizes from 4 to {side}")
+    if skel is not None:
+        was = skel.training
+        try:
+            with torch.no_grad():
+                skel.eval()(torch.zeros(2, shape[0], min(sizes), min(sizes)))
+        except Exception as e:   # noqa: BLE001 - any failure of the model at that size
+            raise CompressError(f"stages[{i}].progressive_resize: the model does not run on "
+                                f"{min(sizes)}x{min(sizes)} images ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); give larger sizes") from None
+        finally:
+            skel.train(was)
+
+
 def validate_recipe(recipe, data=None):
     """Check what can be checked without training: data, models, stage references, what each
     stage kind's plan proves on the skeleton (e.g. a trial prune) and the feature points and
@@ -319,6 +342,7 @@ def validate_recipe(recipe, data=None):
             raise CompressError(msg if named else f"stages.{s.name}: {msg}") from None
         if skel is not None:
             skeletons[s.name] = skel
+        _check_resize(s, i, skel, shape)
         t_refs = [r for _, r in s.stage_refs("teacher")]
         t_skel = (Ensemble([skeletons[n] for n in t_refs]) if len(t_refs) > 1
                   else skeletons.get(t_refs[0]) if t_refs else None)

@@ -454,3 +454,78 @@ def test_a_narrow_resnet_trains_on_an_avx2_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "teacher: oneDNN off for this stage" in r.stdout
     assert (tmp_path / "wd" / "runs" / "tiny" / "stages" / "teacher" / "result.json").exists()
+
+
+def test_iterate_resizes_after_augmentation():
+    import torch
+
+    from compress.data import Data, Split, iterate
+
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    x[:, :, :, :4] = 255                                  # left half white, right half black
+    split = Split(x, torch.arange(4))
+    data = Data("toy", ["a"], split, split, [0.0], [1.0])
+    (b,) = iterate(split, data, 4, size=4)
+    assert b.x.shape == (4, 1, 4, 4)
+    # antialiased bilinear at scale 2: a triangle filter of radius 2 input pixels, so output
+    # column 1 (centre 3.0) weighs input centres 1.5, 2.5, 3.5 (white) and 4.5 (black) by
+    # 0.25, 0.75, 0.75, 0.25 (sum 2): 1.75 / 2 = 0.875
+    expect = torch.tensor([1.0, 0.875, 0.125, 0.0]).expand(4, 1, 4, 4)
+    assert torch.allclose(b.x, expect)
+    # mirrored views are resized after the flip: the white half is now on the right
+    (f,) = iterate(split, data, 4, size=4, flip_all=True)
+    assert torch.allclose(f.x, expect.flip(3))
+    (same,) = iterate(split, data, 4, size=8)             # the data's own size: untouched
+    assert torch.equal(same.x, x.float() / 255)
+
+
+def test_progressive_resize_trains_the_first_epochs_small_and_evaluates_whole(tmp_path):
+    import torch
+
+    from compress.config import TrainingSpec
+    from compress.data import Data, Split
+    from compress.engine import RunContext, fit
+    from compress.losses import Objective
+    from compress.losses.ce import CESpec
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (64, 1, 12, 12), generator=g, dtype=torch.uint8), torch.arange(64) % 2)
+    data = Data("toy", ["a", "b"], split, split, [0.5], [0.25])
+    ctx = RunContext(recipe=load_recipe(_recipe(tmp_path)), data=data, device=torch.device("cpu"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, a[0].shape[-1])))
+    spec = TrainingSpec(epochs=4, batch_size=16, progressive_resize=[6, 8], eval_every=1)
+    history = fit(model, Objective([CESpec()], model), spec, ctx, name="toy")
+    train_sizes = [s for t, s in seen if t]
+    assert train_sizes == [6] * 4 + [8] * 4 + [12] * 8     # 4 steps per epoch
+    assert {s for t, s in seen if not t} == {12}           # every evaluation at the data's size
+    assert len(history) == 4 and all("test_top1" in h for h in history)
+
+
+@pytest.mark.parametrize("sizes, why", [
+    ([16, 20], r"progressive_resize: 2 sizes for 2 epochs; give fewer sizes than epochs"),
+    ([3], r"progressive_resize\[0\]: must be >= 4, got 3"),
+])
+def test_progressive_resize_refused_in_the_config(tmp_path, sizes, why):
+    with pytest.raises(CompressError, match=rf"^stages\[0\]\.{why}"):
+        load_recipe(_recipe(tmp_path, epochs=2, progressive_resize=sizes))
+
+
+@pytest.mark.parametrize("sizes, why", [
+    ([30], r"30 px is larger than the data's 28x28 images; give sizes from 4 to 28"),
+    ([4], r"the model does not run on 4x4 images \(RuntimeError: .*\); give larger sizes"),
+])
+def test_progressive_resize_checked_against_data_and_model_before_training(tmp_path, capsys, sizes, why):
+    # vgg_small's cfg [8, M, 16] with 3 more pools would not run on 4x4: a 4-pool model
+    path = _recipe(tmp_path, epochs=2, progressive_resize=sizes)
+    raw = yaml.safe_load(path.read_text())
+    raw["models"]["teacher"]["args"]["cfg"] = [8, "M", 8, "M", 8, "M", 8]
+    path.write_text(yaml.safe_dump(raw))
+    wd = tmp_path / "wd"
+    assert main(["run", str(path), "--workdir", str(wd), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(rf"^error: stages\[0\]\.progressive_resize: {why}$", err[0]), err
+    assert not (wd / "runs" / "tiny" / "stages" / "teacher").exists()
+
