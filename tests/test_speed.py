@@ -529,3 +529,39 @@ def test_progressive_resize_checked_against_data_and_model_before_training(tmp_p
     assert len(err) == 1 and re.match(rf"^error: stages\[0\]\.progressive_resize: {why}$", err[0]), err
     assert not (wd / "runs" / "tiny" / "stages" / "teacher").exists()
 
+
+_MALLINFO = """
+import ctypes, json, sys
+from compress.engine import tune_allocator
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+what = tune_allocator() if sys.argv[1] == "tune" else None
+mapped = []
+for mb in (4, 16):                # blocks glibc maps by default (threshold 128 KB, at most 32 MB)
+    before = libc.mallinfo2().hblks
+    libc.malloc(mb << 20)
+    mapped.append(libc.mallinfo2().hblks - before)
+print(json.dumps([what, mapped]))
+"""
+
+
+def _mallinfo(mode, **env):
+    import os
+
+    out = subprocess.run([sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True,
+                         env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[1], check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's allocator")
+def test_tune_allocator_keeps_large_blocks_on_the_heap():
+    env = {"COMPRESS_MALLOC": "", "GLIBC_TUNABLES": "", "LD_PRELOAD": ""}
+    assert _mallinfo("plain", **env) == [None, [1, 1]]          # glibc maps 4 and 16 MB blocks
+    assert _mallinfo("tune", **env) == ["glibc: mmap threshold 32 MB, no trimming", [0, 0]]
+    # the environment's own choice is left alone
+    assert _mallinfo("tune", **{**env, "COMPRESS_MALLOC": "default"}) == ["as the environment sets it", [1, 1]]
+    assert _mallinfo("tune", **{**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[0] == "as the environment sets it"
