@@ -313,6 +313,12 @@ def _check_resize(stage, i, skel, shape):
         raise CompressError(f"stages[{i}].progressive_resize: {max(sizes)} px is larger than the data's "
                             f"{shape[1]}x{shape[2]} images; give sizes from 4 to {side}")
     if skel is not None:
+        from .quant import backend_of
+
+        if backend_of(skel) == "pt2e":
+            raise CompressError(f"stages[{i}].progressive_resize: this stage's model is a graph captured "
+                                f"for {shape[1]}x{shape[2]} images (qat, pt2e backend) and runs at no "
+                                "other size; remove progressive_resize here")
         was = skel.training
         try:
             with torch.no_grad():

@@ -301,6 +301,17 @@ def test_validate_refuses_feature_taps_on_a_pt2e_qat_stage(tiny_recipe_dict, fmn
         validate_recipe(recipe)
 
 
+def test_validate_refuses_progressive_resize_on_a_pt2e_qat_stage(tiny_recipe_dict, fmnist_root, registered):
+    registered("_test_arch", TinyResNet)
+    qat = {"name": "qat", "kind": "qat", "from": "teacher", "epochs": 2, "progressive_resize": [20]}
+    with pytest.raises(CompressError, match=r"^stages\[1\]\.progressive_resize: this stage's model is a graph "
+                                            r"captured for 28x28 images \(qat, pt2e backend\)"):
+        validate_recipe(_recipe(tiny_recipe_dict, fmnist_root, [qat]))
+    # the float model the same recipe trains first takes the smaller images
+    teacher = {"name": "t2", "kind": "train", "from": "teacher", "epochs": 2, "progressive_resize": [20]}
+    assert validate_recipe(_recipe(tiny_recipe_dict, fmnist_root, [teacher]))
+
+
 def test_cached_pattern_graphs_prepare_the_same_graph():
     from compress.quant import pt2e
 
