@@ -551,8 +551,9 @@ print(json.dumps([what, mapped]))
 def _mallinfo(mode, **env):
     import os
 
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}   # the test's own choices only
     out = subprocess.run([sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True,
-                         env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[1], check=True)
+                         env={**base, **env}, cwd=Path(__file__).resolve().parents[1], check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
