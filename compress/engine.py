@@ -1,6 +1,7 @@
 """The one training loop (plain training, KD and QAT all use it), evaluation, optimizers
 and schedules."""
 
+import functools
 import itertools
 import os
 import time
@@ -158,9 +159,9 @@ def _onednn_guard(model, objective, device, name):
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_ALLOCATOR = []   # what tune_allocator did, once per process
 
 
+@functools.cache   # once per process; later calls return what the first one did
 def tune_allocator():
     """Keep freed tensor memory in this process for the next step (glibc only; once per
     process). By default glibc gives every block over its mmap threshold (128 KB, raised
@@ -172,8 +173,6 @@ def tune_allocator():
     Left alone when the environment already chooses: ``GLIBC_TUNABLES`` naming malloc,
     ``MALLOC_*`` variables, an allocator in ``LD_PRELOAD`` (jemalloc, tcmalloc), or
     ``COMPRESS_MALLOC=default``. Returns a short description of the setting in force."""
-    if _ALLOCATOR:
-        return _ALLOCATOR[0]
     import ctypes
     import platform
     import sys
@@ -189,7 +188,6 @@ def tune_allocator():
                 what = "glibc: mmap threshold 32 MB, no trimming"
         except (OSError, AttributeError):   # no mallopt in this C library
             pass
-    _ALLOCATOR.append(what)
     return what
 
 
