@@ -428,13 +428,20 @@ def parse_value(text, path):
 
 def apply_override(raw, assignment):
     """Apply ``PATH=VALUE`` to the raw recipe dict. Stages are addressed by name or index
-    (``stages.teacher.epochs=1``); ``*`` addresses every list element that already has the
+    (``stages.teacher.epochs=1``), list elements as ``loss.0`` or ``loss[0]``; ``*`` addresses every list element that already has the
     rest of the path (``stages.*.epochs=20``). VALUE is parsed as YAML (``1`` is an int,
     ``[1, 2]`` a list)."""
     if "=" not in assignment:
         raise CompressError(f"--set {assignment}: expected PATH=VALUE, e.g. stages.teacher.epochs=1")
     path, value = assignment.split("=", 1)
-    keys = [k for k in path.strip().split(".")]
+    keys = []
+    for part in path.strip().split("."):
+        # `loss[0]` is `loss.0`: the spelling error messages use (stages[2].loss[0].T)
+        m = re.fullmatch(r"([^\[\]]*)((?:\[[^\[\]]*\])*)", part)
+        if m is None:
+            raise CompressError(f"--set {assignment}: malformed index in '{part}'; write "
+                                "name[i] or name.i, e.g. stages.distill.loss[0].T=2")
+        keys += ([m[1]] if m[1] or not m[2] else []) + re.findall(r"\[([^\[\]]*)\]", m[2])
     if not all(keys):
         raise CompressError(f"--set {assignment}: empty path element")
     _assign(raw, keys, parse_value(value, path.strip()), "", path.strip())

@@ -396,6 +396,28 @@ def test_override_list_element_by_index_and_name_agree(tiny_recipe_dict):
     assert a == b and a["stages"][2]["epochs"] == 4
 
 
+def test_override_brackets_are_indices(tiny_recipe_dict):
+    # the spelling that errors print (stages[2].loss[0].T) addresses the same field
+    a, b, c = (copy.deepcopy(tiny_recipe_dict) for _ in range(3))
+    apply_override(a, "stages.distill.loss.0.T=2")
+    apply_override(b, "stages[2].loss[0].T=2")
+    apply_override(c, "stages[distill].loss[0].T=2")
+    assert a == b == c and a["stages"][2]["loss"][0]["T"] == 2
+    assert a != tiny_recipe_dict
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("stages[2.epochs=1", "malformed index in 'stages[2'"),
+    ("stages]2[.epochs=1", "malformed index"),
+    ("stages[].epochs=1", "empty path element"),
+    ("stages[9].epochs=1", "stages has no element '9'"),
+])
+def test_bad_bracket_override(tiny_recipe_dict, assignment, message):
+    with pytest.raises(CompressError) as e:
+        apply_override(tiny_recipe_dict, assignment)
+    assert str(e.value).startswith("--set ") and message in str(e.value), str(e.value)
+
+
 def test_override_does_not_touch_file(tiny_recipe_dict, tmp_path):
     path = write_recipe(tmp_path, tiny_recipe_dict)
     text = path.read_text()
