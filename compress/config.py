@@ -434,18 +434,28 @@ def apply_override(raw, assignment):
     if "=" not in assignment:
         raise CompressError(f"--set {assignment}: expected PATH=VALUE, e.g. stages.teacher.epochs=1")
     path, value = assignment.split("=", 1)
-    keys = []
-    for part in path.strip().split("."):
-        # `loss[0]` is `loss.0`: the spelling error messages use (stages[2].loss[0].T)
-        m = re.fullmatch(r"([^\[\]]*)((?:\[[^\[\]]*\])*)", part)
-        if m is None:
-            raise CompressError(f"--set {assignment}: malformed index in '{part}'; write "
-                                "name[i] or name.i, e.g. stages.distill.loss[0].T=2")
-        keys += ([m[1]] if m[1] or not m[2] else []) + re.findall(r"\[([^\[\]]*)\]", m[2])
-    if not all(keys):
-        raise CompressError(f"--set {assignment}: empty path element")
+    keys = path_keys(path, f"--set {assignment}")
     _assign(raw, keys, parse_value(value, path.strip()), "", path.strip())
     return raw
+
+
+def path_keys(path, where):
+    """The keys of a dotted recipe path; ``loss[0]`` is ``loss.0``, the spelling error
+    messages use (``stages[2].loss[0].T``).
+
+    >>> path_keys("stages[2].loss[0].T", "--set")
+    ['stages', '2', 'loss', '0', 'T']
+    """
+    keys = []
+    for part in path.strip().split("."):
+        m = re.fullmatch(r"([^\[\]]*)((?:\[[^\[\]]*\])*)", part)
+        if m is None:
+            raise CompressError(f"{where}: malformed index in '{part}'; write name[i] or name.i, "
+                                "e.g. stages.distill.loss[0].T=2")
+        keys += ([m[1]] if m[1] or not m[2] else []) + re.findall(r"\[([^\[\]]*)\]", m[2])
+    if not all(keys):
+        raise CompressError(f"{where}: empty path element")
+    return keys
 
 
 def _has_path(node, keys):

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import parse_value
+from .config import parse_value, path_keys
 from .errors import CompressError
 from .storage import Storage
 from .yamlio import load_yaml
@@ -41,7 +41,8 @@ def parse_params(texts):
         path = path.strip()
         if not sep or not path or not vals.strip():
             raise CompressError(f"--param {t}: expected PATH=V1,V2,..., e.g. stages.prune.ratio=0.6,0.7")
-        if path in (p for p, _ in out):
+        keys = path_keys(path, f"--param {t}")
+        if any(path_keys(p, "--param") == keys for p, _ in out):
             raise CompressError(f"--param {path}: given twice; list all its values in one --param")
         values = []
         for v in vals.split(","):

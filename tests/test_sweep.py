@@ -74,3 +74,14 @@ def test_sweep_refuses_a_bad_param_before_starting(tmp_path, tiny_recipe_dict, c
     assert "stages[1].ratio" in capsys.readouterr().err
     assert main(["sweep", str(recipe), "--param", "stages.prune.ratio"]) == 2
     assert "PATH=V1,V2" in capsys.readouterr().err
+
+
+def test_sweep_refuses_one_path_spelled_twice(tmp_path, tiny_recipe_dict, capsys):
+    # loss.0.T and loss[0].T are one field: two --param for it would silently keep the last
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
+    assert main(["sweep", str(recipe), "--param", "stages.distill.loss.0.T=2,4",
+                 "--param", "stages[distill].loss[0].T=1", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "given twice" in err, err
+    assert not (tmp_path / "runs").exists()
