@@ -428,9 +428,9 @@ def parse_value(text, path):
 
 def apply_override(raw, assignment):
     """Apply ``PATH=VALUE`` to the raw recipe dict. Stages are addressed by name or index
-    (``stages.teacher.epochs=1``), list elements as ``loss.0`` or ``loss[0]``; ``*`` addresses every list element that already has the
-    rest of the path (``stages.*.epochs=20``). VALUE is parsed as YAML (``1`` is an int,
-    ``[1, 2]`` a list)."""
+    (``stages.teacher.epochs=1``), list elements as ``loss.0`` or ``loss[0]``; ``*``
+    addresses every list element that already has the rest of the path
+    (``stages.*.epochs=20``). VALUE is parsed as YAML (``1`` is an int, ``[1, 2]`` a list)."""
     if "=" not in assignment:
         raise CompressError(f"--set {assignment}: expected PATH=VALUE, e.g. stages.teacher.epochs=1")
     path, value = assignment.split("=", 1)
