@@ -35,15 +35,16 @@ INSTALL = "compress sweep needs Ray Tune: pip install -e '.[sweep]' (or pip inst
 
 def parse_params(texts):
     """[(path, [values])] from ``PATH=V1,V2,...`` (each value parsed as YAML: 0.6 is a float)."""
-    out = []
+    out, seen = [], []   # seen: each path's keys (loss.0.T and loss[0].T are one field)
     for t in texts:
         path, sep, vals = t.partition("=")
         path = path.strip()
         if not sep or not path or not vals.strip():
             raise CompressError(f"--param {t}: expected PATH=V1,V2,..., e.g. stages.prune.ratio=0.6,0.7")
         keys = path_keys(path, f"--param {t}")
-        if any(path_keys(p, "--param") == keys for p, _ in out):
+        if keys in seen:
             raise CompressError(f"--param {path}: given twice; list all its values in one --param")
+        seen.append(keys)
         values = []
         for v in vals.split(","):
             parsed = parse_value(v, f"--param {path}")   # YAML 1.2, as a recipe and --set
