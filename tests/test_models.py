@@ -185,6 +185,91 @@ def test_hub_args_checked_against_the_constructor(args, msg, tiny_recipe_dict):
         validate_recipe(parse_recipe(tiny_recipe_dict))
 
 
+class TupleOut(nn.Module):
+    """Returns (logits, aux) in training mode, as torchvision's GoogLeNet does with aux heads."""
+
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        y = self.fc(self.conv(x).mean((2, 3)))
+        return (y, y) if self.training else y
+
+
+class Shrinks(nn.Module):
+    """Five 2x2 pools: 28x28 becomes 0x0 (as DenseNet's do at 28x28)."""
+
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.pools = nn.Sequential(*[nn.MaxPool2d(2) for _ in range(5)])
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pools(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("cls, msg", [
+    (TupleOut, r"^models\.t\.arch_probe returns tuple in training mode, not a logits tensor"),
+    (Shrinks, r"^models\.t\.arch_probe cannot run on \(1, 28, 28\) images in training mode \(RuntimeError: .*too small"),
+])
+def test_validate_runs_each_model_once_in_both_modes(cls, msg, tiny_recipe_dict):
+    """A model that cannot map the data's images to logits is refused by validate, in one line,
+    before anything trains (not with a traceback in the middle of the teacher stage)."""
+    tiny_recipe_dict["models"] = {"t": {"arch": "arch_probe"}}
+    tiny_recipe_dict["stages"] = [{"name": "teacher", "kind": "train", "model": "t", "epochs": 1}]
+    MODELS.register("arch_probe")(cls)
+    try:
+        with pytest.raises(CompressError, match=msg.replace("models\\.t\\.arch_probe", "models\\.t: arch_probe")) as e:
+            validate_recipe(parse_recipe(tiny_recipe_dict))
+    finally:
+        del MODELS["arch_probe"]
+    assert "\n" not in str(e.value)
+
+
+class Noisy(nn.Module):
+    """BatchNorm (buffers a training-mode forward would move) and Dropout (random draws)."""
+
+    def __init__(self, in_channels=3, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.bn(self.conv(x) + 1).mean((2, 3))))
+
+
+def test_the_probe_leaves_the_model_and_random_draws_alone(tiny_recipe_dict):
+    """The forward check runs on a copy with the random state kept: the model a stage trains,
+    and every draw after it, are what they would be without the check."""
+    from compress.stages import new_model
+
+    tiny_recipe_dict["models"] = {"t": {"arch": "noisy"}}
+    tiny_recipe_dict["stages"] = [{"name": "teacher", "kind": "train", "model": "t", "epochs": 1}]
+    MODELS.register("noisy")(Noisy)
+    try:
+        recipe = parse_recipe(tiny_recipe_dict)
+        torch.manual_seed(3)
+        model, _ = new_model(recipe, "t", (1, 8, 8), 10)
+        after = torch.rand(4)
+    finally:
+        del MODELS["noisy"]
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))
+    assert torch.equal(model.bn.running_mean, torch.zeros(8)) and model.bn.num_batches_tracked.item() == 0
+    assert model.training
+
+
+def test_torchvision_googlenet_builds_without_aux_heads():
+    model, _ = build("torchvision:googlenet", (1, 32, 32))
+    assert model.aux1 is None and model.aux2 is None
+    assert model.train()(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
 # ---- validate proves the prune on the skeleton ----------------------------------------------
 
 class HardWired(nn.Module):

@@ -128,6 +128,8 @@ def torchvision_factory(name):
     def make(in_channels=3, num_classes=10, **kwargs):
         _refuse("torchvision", name, kwargs)
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if "aux_logits" in params:   # googlenet, inception_v3: one logits tensor, not a tuple
+            kwargs.setdefault("aux_logits", False)
         model = builder(weights=None, **({"num_classes": num_classes} if has_classes else {}), **kwargs)
         if not has_classes:
             replace_classifier(model, num_classes)

@@ -25,7 +25,7 @@ class PlanBuilder:
     num_classes: int
 
     def __call__(self, name):
-        return new_model(self.recipe, name, self.input_shape[0], self.num_classes)[0]
+        return new_model(self.recipe, name, self.input_shape, self.num_classes)[0]
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,16 @@ def describe(model, ctx, cost_model=None, history=None):
 
 
 
-def new_model(recipe, name, in_channels, num_classes, salt=""):
-    """(model, spec) for the recipe's `models.<name>` entry, sized for the data. `salt`
-    draws a different initialisation of the same entry (e.g. the peers of a cohort)."""
+def new_model(recipe, name, input_shape, num_classes, salt=""):
+    """(model, spec) for the recipe's `models.<name>` entry, sized for the data's
+    `input_shape` (C, H, W); CompressError unless it maps a batch of such images to logits
+    in training and in evaluation mode. `salt` draws a different initialisation of the same
+    entry (e.g. the peers of a cohort)."""
     from ..errors import CompressError
     from ..models import REFUSED_ARGS, build_model, factory_params, make_spec, model_factory, validate_cfg
 
     d = recipe.models[name]
+    in_channels = input_shape[0]
     factory = model_factory(d.arch, f"models.{name}.arch")
     allowed, any_kwargs = factory_params(factory)
     for k in d.args:
@@ -123,7 +126,35 @@ def new_model(recipe, name, in_channels, num_classes, salt=""):
             # e.g. width: 1e9, .inf; a library constructor's own complaint about an argument
             raise CompressError(f"models.{name}: cannot build {d.arch} with args {dict(d.args)} "
                                 f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})") from None
+    if why := logits_problem(model, input_shape, num_classes):
+        raise CompressError(f"models.{name}: {d.arch} {why}")
     return model, make_spec(d.arch, args)
+
+
+def logits_problem(model, input_shape, num_classes):
+    """Why `model` does not map a batch of 2 `input_shape` images to [2, num_classes] logits
+    in training and in evaluation mode (e.g. a ViT that needs 224x224, a net whose pools
+    shrink 28x28 to nothing, auxiliary heads in training mode), or None. Runs on a copy
+    with the random state kept, so the model and the run's random draws are untouched."""
+    import copy
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        probe = copy.deepcopy(model).float().cpu()
+        x = torch.zeros(2, *input_shape)
+        for mode in ("training", "evaluation"):
+            probe.train(mode == "training")
+            try:
+                out = probe(x)
+            except Exception as e:  # noqa: BLE001 - whatever the model raises becomes one line
+                return (f"cannot run on {tuple(input_shape)} images in {mode} mode "
+                        f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})")
+            if not isinstance(out, torch.Tensor):
+                return (f"returns {type(out).__name__} in {mode} mode, not a logits tensor "
+                        "(auxiliary outputs are not supported)")
+            if tuple(out.shape) != (2, num_classes):
+                return (f"maps a batch of 2 {tuple(input_shape)} images to shape {tuple(out.shape)} "
+                        f"in {mode} mode, not the logits (2, {num_classes})")
+    return None
 
 
 def input_model(cfg, ctx, build_fresh=True):
@@ -134,7 +165,7 @@ def input_model(cfg, ctx, build_fresh=True):
     if getattr(cfg, "from_", None):
         src = ctx.results[cfg.from_]
         return copy.deepcopy(src.get_model()), copy.deepcopy(src.spec)
-    model, spec = new_model(ctx.recipe, cfg.model, ctx.data.input_shape[0], ctx.data.num_classes)
+    model, spec = new_model(ctx.recipe, cfg.model, ctx.data.input_shape, ctx.data.num_classes)
     return model, spec
 
 
