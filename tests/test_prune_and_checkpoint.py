@@ -107,6 +107,104 @@ def test_prune_ignore_unknown_layer():
         prune_model(model, prune_cfg(ignore=["features.99"]), SHAPE, NCLS, 0.5)
 
 
+# ---- layers torch-pruning prunes together -----------------------------------------------------
+
+def cbr(i, o, k=3, g=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, 1, k // 2, groups=g, bias=False), nn.BatchNorm2d(o), nn.ReLU())
+
+
+class Branchy(nn.Module):
+    """A residual add, then two branches concatenated and read by a depthwise conv."""
+
+    def __init__(self, w=16):
+        super().__init__()
+        self.stem, self.res = cbr(SHAPE[0], w), cbr(w, w)
+        self.br_a, self.br_b = cbr(w, w, 1), cbr(w, w)
+        self.dw, self.pw = cbr(2 * w, 2 * w, g=2 * w), cbr(2 * w, 2 * w, 1)
+        self.fc = nn.Linear(2 * w, NCLS)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.res(x)
+        x = torch.cat([self.br_a(x), self.br_b(x)], 1)
+        return self.fc(self.pw(self.dw(x)).mean((2, 3)))
+
+
+def test_dependency_groups_name_coupled_and_concatenated_layers():
+    from compress.stages.prune import dependency_groups
+
+    groups = {tuple(p for p, _ in members): channels for channels, members in dependency_groups(Branchy(), SHAPE)}
+    assert groups[("stem.0", "res.0")] == 16                  # residual add: equal widths, one set of channels
+    assert groups[("br_a.0", "br_b.0", "dw.0")] == 32          # concatenated: one group as wide as both
+    assert groups[("pw.0",)] == 32 and groups[("fc",)] == NCLS
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"layers": {"stem.0": 0.75, "res.0": 0.25}},
+     r"^stages\.prune\.layers: 'stem\.0' \(0\.75\) and 'res\.0' \(0\.25\) are coupled: torch-pruning removes "
+     r"the same channels from 'stem\.0', 'res\.0'; give them one ratio$"),
+    ({"layers": {"res.0": 0.5}, "ignore": ["stem"]},
+     r"^stages\.prune\.layers\.res\.0: coupled with 'stem\.0', which is left whole .* prunes none of"),
+    ({"round_to": 8},
+     r"^stages\.prune\.round_to: 8 cannot hold for 'br_a\.0', 'br_b\.0', 'dw\.0': their outputs are "
+     r"concatenated into one group of 32 channels"),
+])
+def test_coupled_layers_refuse_what_torch_pruning_would_silently_change(kw, message):
+    from compress.stages.prune import check_coupling
+
+    with pytest.raises(CompressError, match=message):
+        check_coupling(Branchy(), prune_cfg(**kw), SHAPE, NCLS)
+
+
+def test_coupled_layers_given_one_ratio_are_pruned_together():
+    from compress.stages.prune import check_coupling, spread_ratios
+
+    model = Branchy()
+    cfg = prune_cfg(layers={"stem.0": 0.75, "res.0": 0.75}, ignore=["br_a", "br_b"])
+    groups = check_coupling(model, cfg, SHAPE, NCLS)
+    assert spread_ratios(groups, model, cfg) == []
+    prune_model(model, cfg, SHAPE, NCLS, 0.5)
+    assert (model.stem[0].out_channels, model.res[0].out_channels) == (4, 4)
+    assert (model.br_a[0].out_channels, model.br_b[0].out_channels, model.pw[0].out_channels) == (16, 16, 16)
+    one = prune_cfg(layers={"stem.0": 0.75})
+    assert spread_ratios(check_coupling(Branchy(), one, SHAPE, NCLS), Branchy(), one) == [
+        "note: stages.prune.layers.stem.0: ratio 0.75 also applies to 'res.0' (coupled: pruned together)"]
+
+
+def test_a_group_torch_pruning_skips_is_an_error_not_silence():
+    """Freshly initialised, torch-pruning ranks the concatenated group's channels alike and
+    skips the group: the branches would stay whole under a ratio that asks for half."""
+    from compress.stages.prune import check_coupling, check_outcome
+
+    model = Branchy()
+    cfg = prune_cfg(ratio=0.5)
+    groups = check_coupling(model, cfg, SHAPE, NCLS)
+    prune_model(model, cfg, SHAPE, NCLS, 0.5)
+    assert model.stem[0].out_channels == 8 and model.br_a[0].out_channels == 16   # the skip itself
+    with pytest.raises(CompressError, match=r"^stages\.prune: torch-pruning left 'br_a\.0', 'br_b\.0', 'dw\.0' "
+                                            r"\(concatenated\) whole, though ratio 0\.5 asks to remove 16 of 32"):
+        check_outcome(groups, model, cfg, NCLS, 0.5)
+    pruned, _ = tiny_vgg()
+    cfg = prune_cfg()
+    groups = check_coupling(pruned, cfg, SHAPE, NCLS)
+    prune_model(pruned, cfg, SHAPE, NCLS, 0.5)
+    check_outcome(groups, pruned, cfg, NCLS, 0.5)   # every layer narrowed: no error
+
+
+@pytest.mark.parametrize("ignore, message", [
+    (["stem.2"], r"^stages\.prune\.ignore\[0\]: 'stem\.2' is a ReLU, with no Conv2d/Linear to leave whole"),
+    (["stem.0", "res.1"], r"^stages\.prune\.ignore\[1\]: 'res\.1' is a BatchNorm2d"),
+    (["stem.9"], r"^stages\.prune\.ignore\[0\]: no layer 'stem\.9' \(did you mean 'stem\.0'\?\); prunable layers: "
+                 r"stem\.0, res\.0, br_a\.0, br_b\.0, dw\.0, pw\.0$"),
+])
+def test_ignore_names_something_pruning_narrows(ignore, message):
+    from compress.stages.prune import check_ignore
+
+    with pytest.raises(CompressError, match=message):
+        check_ignore(Branchy(), prune_cfg(ignore=ignore), NCLS)
+    check_ignore(Branchy(), prune_cfg(ignore=["stem", "br_a.0"]), NCLS)   # a block, a conv: fine
+
+
 def test_l1_keeps_largest_filters():
     model, _ = tiny_vgg(cfg=[8, "M", 16])
     c1, bn1, c2 = model.features[0], model.features[1], model.features[4]

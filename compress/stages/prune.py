@@ -9,9 +9,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from ..config import StageSpec, stage_ref
-from ..errors import CompressError
+from ..errors import CompressError, did_you_mean
 from ..hooks import resolve
-from ..models import apply_layer_shapes, build_model, classifier_path, layer_shapes, make_spec
+from ..models import apply_layer_shapes, build_model, classifier_path, layer_shapes, make_spec, resolve_point
 from ..registry import Registry
 from . import StageResult, describe, model_cost, plan_student, prepare, register
 
@@ -93,6 +93,135 @@ def width(m):
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
 
+def prunable(m):
+    return isinstance(m, (nn.Conv2d, nn.Linear))
+
+
+def _listing(paths, limit=30):
+    return ", ".join(paths[:limit]) + (f" ... ({len(paths)} in all)" if len(paths) > limit else "")
+
+
+def resolve_layer(model, path, where, num_classes):
+    """The module a `layers` / `ignore` entry names (a module path or feature point), or a
+    CompressError listing the model's prunable layers (its Conv2d/Linear but the classifier)."""
+    if resolve_point(model, path) is None:
+        classifier = {id(m) for m in classifier_layers(model, num_classes)}
+        valid = [p for p, m in model.named_modules() if prunable(m) and id(m) not in classifier]
+        raise CompressError(f"{where}: no layer '{path}'{did_you_mean(path, valid)}; prunable layers: "
+                            f"{_listing(valid)}")
+    return resolve(model, path, where)
+
+
+def check_ignore(model, cfg, num_classes):
+    """Each `ignore` path names a module holding a Conv2d/Linear (what pruning narrows):
+    ignoring a ReLU or a pool would silently change nothing."""
+    for i, p in enumerate(cfg.ignore):
+        where = f"stages.{cfg.name}.ignore[{i}]"
+        m = resolve_layer(model, p, where, num_classes)
+        if not any(prunable(x) for x in m.modules()):
+            raise CompressError(f"{where}: '{p}' is a {type(m).__name__}, with no Conv2d/Linear to leave whole; "
+                                "name a conv, a linear layer or a block holding them")
+
+
+def _names(members, limit=6):
+    shown = ", ".join(f"'{p}'" for p, _ in members[:limit])
+    return shown + (f" and {len(members) - limit} more" if len(members) > limit else "")
+
+
+def dependency_groups(model, input_shape):
+    """torch-pruning's dependency groups, each as (channels, [(path, width), ...]): the
+    Conv2d/Linear layers whose output channels it removes together. Layers joined by a
+    residual add have the group's width (the same channels go from each); layers whose
+    outputs are concatenated and then read by an add or a depthwise conv share one group
+    as wide as their sum, which torch-pruning ranks, rounds and splits as a whole."""
+    dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *input_shape))
+    names = {m: p for p, m in model.named_modules()}
+    order = {p: i for i, p in enumerate(names.values())}
+    groups = []
+    for group in dg.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear]):
+        layers = {names[d.target.module]: width(d.target.module) for d, _ in group
+                  if prunable(d.target.module) and d.target.module in names
+                  and dg.is_out_channel_pruning_fn(d.handler)}
+        if layers:
+            groups.append((len(group[0][1]), sorted(layers.items(), key=lambda kv: order[kv[0]])))
+    return groups
+
+
+def _whole_ids(model, cfg, num_classes):
+    return {id(x) for m in left_whole(model, cfg, num_classes) for x in m.modules()}
+
+
+def _given_ratios(model, cfg):
+    """{id(module): (recipe key, ratio)} of the `layers` entries."""
+    return {id(resolve(model, p, f"stages.{cfg.name}.layers")): (p, r) for p, r in cfg.layers.items()}
+
+
+def check_coupling(model, cfg, input_shape, num_classes):
+    """Refuse what torch-pruning would silently do otherwise with layers it prunes together:
+    two different `layers` ratios in one group (one of them would win), a `layers` ratio for
+    a layer coupled with one left whole (nothing would be pruned), and `round_to` on layers
+    whose outputs are concatenated into one group (it rounds the group, not each layer).
+    Returns the groups (:func:`dependency_groups`)."""
+    where = f"stages.{cfg.name}"
+    groups = dependency_groups(model, input_shape)
+    mods = dict(model.named_modules())
+    whole, given = _whole_ids(model, cfg, num_classes), _given_ratios(model, cfg)
+    for channels, members in groups:
+        if len(members) < 2:
+            continue
+        asked = [given[id(mods[p])] for p, _ in members if id(mods[p]) in given]
+        kept = [(p, w) for p, w in members if id(mods[p]) in whole]
+        if asked and kept:
+            raise CompressError(f"{where}.layers.{asked[0][0]}: coupled with '{kept[0][0]}', which is left whole "
+                                f"(ignored or the classifier), so torch-pruning prunes none of {_names(members)}")
+        if len({r for _, r in asked}) > 1:
+            (a, ra), (b, rb) = asked[0], next(x for x in asked if x[1] != asked[0][1])
+            raise CompressError(f"{where}.layers: '{a}' ({ra:g}) and '{b}' ({rb:g}) are coupled: torch-pruning "
+                                f"removes the same channels from {_names(members)}; give them one ratio")
+        if not kept and (cfg.round_to or 1) > 1 and any(w != channels for _, w in members):
+            raise CompressError(f"{where}.round_to: {cfg.round_to} cannot hold for {_names(members)}: their outputs "
+                                f"are concatenated into one group of {channels} channels, which torch-pruning "
+                                "rounds as a whole and splits between them by importance; `ignore` them or drop round_to")
+    return groups
+
+
+def spread_ratios(groups, model, cfg):
+    """Lines naming the layers a `layers` ratio also narrows because they are coupled with
+    the layer it names (torch-pruning gives the whole group that ratio)."""
+    mods = dict(model.named_modules())
+    given, lines = _given_ratios(model, cfg), []
+    for _, members in groups:
+        asked = [given[id(mods[p])] for p, _ in members if id(mods[p]) in given]
+        others = [(p, w) for p, w in members if id(mods[p]) not in given]
+        if asked and others:
+            lines.append(f"note: stages.{cfg.name}.layers.{asked[0][0]}: ratio {asked[0][1]:g} also applies to "
+                         f"{_names(others)} (coupled: pruned together)")
+    return lines
+
+
+def check_outcome(groups, model, cfg, num_classes, ratio):
+    """After a local prune: no group the ratio asks to narrow was left whole (torch-pruning
+    skips, without a word, a group in which removing the least important channels would
+    empty one of its layers, e.g. one branch of a concatenation)."""
+    if cfg.global_:
+        return
+    mods = dict(model.named_modules())
+    whole, given = _whole_ids(model, cfg, num_classes), _given_ratios(model, cfg)
+    step = cfg.round_to or 1
+    for channels, members in groups:
+        if any(id(mods[p]) in whole for p, _ in members):
+            continue
+        r = next((given[id(mods[p])][1] for p, _ in members if id(mods[p]) in given), ratio)
+        keep = int(channels * (1 - r))
+        keep -= keep % step
+        if 0 < keep < channels and all(width(mods[p]) == w for p, w in members):
+            what = (f"'{members[0][0]}'" if len(members) == 1 else
+                    f"{_names(members)} ({'concatenated' if any(w != channels for _, w in members) else 'coupled'})")
+            raise CompressError(f"stages.{cfg.name}: torch-pruning left {what} whole, though ratio {r:g} asks to "
+                                f"remove {channels - keep} of {channels} channels: the least important would empty "
+                                "a layer; give them a smaller ratio under `layers`, or `ignore` them")
+
+
 def largest_ratio(c, step):
     """The largest ratio that leaves a layer of `c` channels at least `step` of them:
     keep = int(c * (1 - r)) >= step  <=>  r <= 1 - step / c (less a hair for float rounding)."""
@@ -120,7 +249,7 @@ def check_layers(model, cfg, num_classes):
     ignored = {id(m) for m in left_whole(model, cfg, num_classes)}
     step = cfg.round_to or 1
     for path, r in cfg.layers.items():
-        m = resolve(model, path, f"stages.{cfg.name}.layers")
+        m = resolve_layer(model, path, f"stages.{cfg.name}.layers", num_classes)
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in ignored:
             raise CompressError(f"stages.{cfg.name}.layers: '{path}' is not a prunable Conv2d/Linear "
                                 "(the classifier and `ignore` paths are left whole)")
@@ -187,8 +316,7 @@ def _plan(cfg, inputs, build):
     skel = plan_student(cfg, inputs, build)
     shape, ncls = build.input_shape, build.num_classes
     where = f"stages.{cfg.name}"
-    for i, p in enumerate(cfg.ignore):
-        resolve(skel, p, f"{where}.ignore[{i}]")
+    check_ignore(skel, cfg, ncls)
     check_layers(skel, cfg, ncls)
     original = copy.deepcopy(skel)
     try:
@@ -197,6 +325,7 @@ def _plan(cfg, inputs, build):
             ratio = cfg.ratio
         else:
             ratio = ratio_for_macs(copy.deepcopy(skel).eval(), cfg, shape, ncls, cfg.target_macs)
+        check_coupling(skel, cfg, shape, ncls)
         prune_model(skel, cfg, shape, ncls, ratio)
         out = skel.eval()(torch.zeros(2, *shape))
         if tuple(out.shape) != (2, ncls):
@@ -223,16 +352,21 @@ def run(cfg, ctx):
     shape, ncls = ctx.data.input_shape, ctx.data.num_classes
     before = layer_shapes(model)
     params0, macs0 = model_cost(model, shape)
+    check_ignore(model, cfg, ncls)
     check_layers(model, cfg, ncls)
     if cfg.ratio is not None:
         check_ratio(model, cfg, ncls, cfg.ratio, "ratio")
     ratio = cfg.ratio if cfg.ratio is not None else ratio_for_macs(model, cfg, shape, ncls, cfg.target_macs)
     try:
+        groups = check_coupling(model, cfg, shape, ncls)
         prune_model(model, cfg, shape, ncls, ratio)
     except CompressError:
         raise
     except Exception as e:  # noqa: BLE001 - torch-pruning errors become one line
         raise CompressError(f"stages.{cfg.name}: torch-pruning failed: {type(e).__name__}: {e}") from None
+    check_outcome(groups, model, cfg, ncls, ratio)
+    for line in spread_ratios(groups, model, cfg):
+        print(f"  {line}")
     after = layer_shapes(model)
     widths = {p: [before[p]["out_channels"], s["out_channels"]] for p, s in after.items()
               if "out_channels" in s and s != before[p]}
