@@ -10,6 +10,8 @@ import hashlib
 import inspect
 import json
 import re
+import sysconfig
+import types
 from dataclasses import dataclass
 from types import UnionType
 from pathlib import Path
@@ -370,10 +372,38 @@ def _source_file(obj):
         return None
 
 
+def _user_files(obj):
+    """The source files of user code `obj` draws on (a --plugin's model factory or loss
+    term): its module's file and, transitively, those of the modules, classes and functions
+    that module's globals name, outside the standard library, site-packages and this package
+    (e.g. a model class a plugin imports from a file beside it)."""
+    package = Path(__file__).resolve().parent
+    libs = {Path(d).resolve() for k, d in sysconfig.get_paths().items() if k.endswith(("stdlib", "lib")) and d}
+
+    def user(f):
+        p = Path(f).resolve()
+        return not any(d == p or d in p.parents for d in (package, *libs))
+
+    todo, seen, files = [inspect.getmodule(obj)], set(), []
+    while todo:
+        mod = todo.pop()
+        f = getattr(mod, "__file__", None)
+        if not f or f in seen or not f.endswith(".py") or not user(f):
+            continue
+        seen.add(f)
+        files.append(f)
+        for v in list(vars(mod).values()):
+            if isinstance(v, types.ModuleType):
+                todo.append(v)
+            elif inspect.isclass(v) or inspect.isfunction(v):
+                todo.append(inspect.getmodule(v))
+    return files
+
+
 def code_files(recipe, stage):
     """The source files whose code computes `stage`: its stage kind's file, the files of its
     loss terms and of the models it builds (wherever they are defined: in the package or in
-    a --plugin file)."""
+    a --plugin file, with the user files a plugin imports)."""
     from .losses import LOSSES, TermSpec
     from .models import MODELS
     from .stages import STAGES
@@ -389,6 +419,7 @@ def code_files(recipe, stage):
         if m in recipe.models and recipe.models[m].arch in MODELS:
             objs.append(MODELS[recipe.models[m].arch])
     files = {f for f in map(_source_file, objs) if f}
+    files.update(f for o in objs for f in _user_files(o))
     return sorted(files)
 
 
@@ -441,19 +472,34 @@ def apply_override(raw, assignment):
 
 def path_keys(path, where):
     """The keys of a dotted recipe path; ``loss[0]`` is ``loss.0``, the spelling error
-    messages use (``stages[2].loss[0].T``).
+    messages use (``stages[2].loss[0].T``), and a bracketed key may hold dots
+    (``layers[features.0]``, a module path).
 
     >>> path_keys("stages[2].loss[0].T", "--set")
     ['stages', '2', 'loss', '0', 'T']
+    >>> path_keys("stages.prune.layers[features.0]", "--set")
+    ['stages', 'prune', 'layers', 'features.0']
     """
-    keys = []
-    for part in path.strip().split("."):
-        m = re.fullmatch(r"([^\[\]]*)((?:\[[^\[\]]*\])*)", part)
-        if m is None:
+    s = path.strip()
+    keys, after_dot = [], True   # the path starts, as after a dot, with an element
+    for m in re.finditer(r"\[([^\[\]]*)\]|([^.\[\]]+)|(\.)|(.)", s):
+        bracket, name, dot, stray = m.groups()
+        if stray is not None or (name is not None and not after_dot):
+            start, end = s.rfind(".", 0, m.start()) + 1, s.find(".", m.start())
+            part = s[start:end if end >= 0 else len(s)]
             raise CompressError(f"{where}: malformed index in '{part}'; write name[i] or name.i, "
                                 "e.g. stages.distill.loss[0].T=2")
-        keys += ([m[1]] if m[1] or not m[2] else []) + re.findall(r"\[([^\[\]]*)\]", m[2])
-    if not all(keys):
+        if dot is not None:
+            if after_dot:
+                raise CompressError(f"{where}: empty path element")
+            after_dot = True
+            continue
+        key = name if name is not None else bracket
+        if not key:
+            raise CompressError(f"{where}: empty path element")
+        keys.append(key)
+        after_dot = False
+    if after_dot:
         raise CompressError(f"{where}: empty path element")
     return keys
 
@@ -492,6 +538,13 @@ def _assign(node, keys, value, where, path):
         else:
             _assign(node[idx], rest, value, f"{where}.{k}", path)
     elif isinstance(node, dict):
+        dotted = ".".join(keys)
+        if k not in node and any(isinstance(key, str) and (dotted == key or dotted.startswith(key + "."))
+                                 for key in node):   # a key that holds dots (a module path)
+            key = max((key for key in node if dotted == key or dotted.startswith(key + ".")), key=len)
+            spelled = f"{where}[{key}]" if where else f"[{key}]"
+            raise CompressError(f"--set {path}: {where or 'the recipe'} has the key '{key}'; write it in "
+                                f"brackets: {spelled}{dotted[len(key):]}=...")
         if not rest:
             node[k] = value
         else:

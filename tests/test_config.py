@@ -425,11 +425,26 @@ def test_override_does_not_touch_file(tiny_recipe_dict, tmp_path):
     ("stages]2[.epochs=1", "malformed index"),
     ("stages[].epochs=1", "empty path element"),
     ("stages[9].epochs=1", "stages has no element '9'"),
+    ("stages[0]epochs=1", "malformed index in 'stages[0]epochs'"),
+    ("stages.teacher.=1", "empty path element"),
 ])
 def test_bad_override(tiny_recipe_dict, assignment, message):
     with pytest.raises(CompressError) as e:
         apply_override(tiny_recipe_dict, assignment)
     assert str(e.value).startswith("--set ") and message in str(e.value), str(e.value)
+
+
+def test_override_a_key_that_holds_dots_in_brackets(tiny_recipe_dict):
+    """`layers` keys are module paths (`features.0`): written in brackets they are one key;
+    written with dots the error says how to write them."""
+    tiny_recipe_dict["stages"][1]["layers"] = {"features.0": 0.5}
+    apply_override(tiny_recipe_dict, "stages.prune.layers[features.0]=0.25")
+    apply_override(tiny_recipe_dict, "stages[prune].layers[features.4]=0.5")
+    assert tiny_recipe_dict["stages"][1]["layers"] == {"features.0": 0.25, "features.4": 0.5}
+    with pytest.raises(CompressError) as e:
+        apply_override(tiny_recipe_dict, "stages.prune.layers.features.0=0.3")
+    assert str(e.value) == ("--set stages.prune.layers.features.0: stages.prune.layers has the key 'features.0'; "
+                            "write it in brackets: stages.prune.layers[features.0]=...")
 
 
 def test_bad_override_in_unnamed_list_lists_indices(tiny_recipe_dict):

@@ -431,3 +431,44 @@ def test_editing_a_loss_term_recomputes_the_stage_using_it_and_reuses_the_rest(t
     term.write_text(term.read_text().replace("SCALE = 1.0", "SCALE = 2.0"))   # the term's code changes
     assert run() == {"teacher": True, "copy": True, "student": False}
     assert run() == {"teacher": True, "copy": True, "student": True}
+
+
+def test_editing_a_file_a_plugin_imports_recomputes_the_model_it_builds(tmp_path, fmnist_root):
+    """The model's class lives in a file beside the plugin (imported by it, not given as
+    --plugin): editing that file recomputes the stage; stored weights of the old class are
+    never loaded into the new one."""
+    tag = uuid.uuid4().hex[:8]
+    blocks = tmp_path / f"blocks_{tag}.py"
+    blocks.write_text("from compress.models import VGG\n\n"
+                      "def body(in_channels, num_classes):\n"
+                      "    return VGG([4, 'M', 8], in_channels=in_channels, num_classes=num_classes)\n")
+    plug = tmp_path / f"reg_{tag}.py"
+    plug.write_text(f"import sys, os\nsys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))\n"
+                    f"from blocks_{tag} import body\nfrom compress.models import MODELS\n\n"
+                    f"@MODELS.register('helped_{tag}')\n"
+                    f"def helped(in_channels=1, num_classes=10):\n    return body(in_channels, num_classes)\n")
+    recipe = tmp_path / "helped.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "helped", "data": {"name": "fashion_mnist", "root": str(fmnist_root), "download": False},
+        "models": {"net": {"arch": f"helped_{tag}"}},
+        "stages": [{"name": "teacher", "kind": "train", "model": "net", "epochs": 1, "batch_size": 32}]},
+        sort_keys=False))
+
+    def run():
+        from compress.models import MODELS
+
+        MODELS.pop(f"helped_{tag}", None)
+        for m in (plug.stem, blocks.stem):
+            sys.modules.pop(m, None)
+        code, out, err = cli(["run", str(recipe), "--plugin", str(plug), "--device", "cpu",
+                              "--workdir", str(tmp_path / "w")])
+        assert code == 0, err
+        return reused(out)
+
+    try:
+        assert run() == {"teacher": False}
+        assert run() == {"teacher": True}
+        blocks.write_text(blocks.read_text().replace("[4, 'M', 8]", "[4, 'M', 6]"))
+        assert run() == {"teacher": False}
+    finally:
+        sys.path[:] = [p for p in sys.path if p != str(tmp_path)]
