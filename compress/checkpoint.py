@@ -95,5 +95,9 @@ def load_checkpoint(path):
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as e:
-        raise CompressError(f"{path}: weights do not fit the stored architecture ({str(e).splitlines()[0]})") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0] if lines else ""
+        raise CompressError(f"{path}: weights do not fit the stored architecture ({detail[:200]}); "
+                            "if the model's code changed since it was saved, `compress run --fresh` "
+                            "recomputes") from None
     return spec, model

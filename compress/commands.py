@@ -311,7 +311,9 @@ def cmd_bench(args):
     if len(others) > 1 or (others and args.compare):
         _print_side_by_side([path, *others], measured, args.batch)
     for twin, ref in zip(others, measured[1:]):
-        label = "its FP32 twin" if int8 and len(others) == 1 else "the other file"
+        twin_int8 = _is_int8(*onnx_info(twin)[:2])
+        label = ("its FP32 twin" if int8 and len(others) == 1 and not twin_int8
+                 else f"the {'INT8' if twin_int8 else 'FP32'} file")
         for b in args.batch:
             q, f = res[b]["median"], ref[b]["median"]
             if q < f:

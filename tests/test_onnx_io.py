@@ -3,6 +3,8 @@
 import json
 import os
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -133,6 +135,20 @@ def test_int8_agrees_with_fake_quant(models):
     shifted = np.roll(logits, 1, axis=1)
     with pytest.raises(CompressError, match="agrees with the fake-quant model on only"):
         check_int8_agreement(models["int8"], models["qmodel"], x, logits=shifted)
+    # near-ties: the file's logits nudged so that the runner-up wins where the fake-quant
+    # model's top-2 gap is smallest; the error says how close those were
+    ref = logits.copy()
+    top2 = np.sort(ref, 1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+    near = np.argsort(gap)[:5]
+    nudged = ref.copy()
+    second = np.argsort(ref, 1)[:, -2]
+    nudged[near, second[near]] += gap[near] + 1e-3
+    with pytest.raises(CompressError) as e:
+        check_int8_agreement(models["int8"], models["qmodel"], x, min_agreement=0.999, logits=nudged)
+    said = float(re.search(r"on the 5 others the fake-quant model's logit for the INT8 file's class is at most "
+                           r"(\S+) below its top-1's", str(e.value))[1])
+    assert said <= gap[near].max() + 0.05   # the fake-quant logits are the file's, to rounding
 
 
 def test_int8_agreement_detects_other_model(models):

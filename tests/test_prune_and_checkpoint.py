@@ -364,7 +364,9 @@ def test_checkpoint_weights_do_not_fit(pruned, tmp_path):
     whole, _ = tiny_vgg()
     path = tmp_path / "model.pt"
     save_checkpoint(path, spec, whole)  # spec says pruned, weights are unpruned
-    with pytest.raises(CompressError, match="weights do not fit the stored architecture"):
+    with pytest.raises(CompressError, match=r"weights do not fit the stored architecture \(size mismatch for "
+                                            r"features\.0\.weight: .*\); if the model's code changed since it "
+                                            r"was saved, `compress run --fresh` recomputes$"):
         load_checkpoint(path)
 
 

@@ -218,7 +218,17 @@ def test_bench_compare_several_files(exported, capsys):
         assert rows[0][4] == "1.00×"
         assert [float(r[4].rstrip("×")) for r in rows[1:]] == pytest.approx(
             [m / medians[0] for m in medians[1:]], rel=0.05, abs=0.006)   # printed rounded
-    assert re.search(r"^int8\.onnx is .* the other file other\.onnx at batch 4 ", out, re.M)
+    assert re.search(r"^int8\.onnx is .* the FP32 file other\.onnx at batch 4 ", out, re.M)
+    assert re.search(r"^int8\.onnx is .* the FP32 file fp32\.onnx at batch 4 ", out, re.M)
+
+
+def test_bench_calls_only_a_float_file_the_fp32_twin(exported, capsys):
+    """One INT8 file compared with another INT8 file: no "FP32 twin" in the verdict."""
+    assert main(["bench", str(exported / "int8.onnx"), "--compare", str(exported / "int8-allint.onnx"),
+                 "--batch", "2", "--runs", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^int8\.onnx is .* the INT8 file int8-allint\.onnx at batch 2 ", out, re.M), out
+    assert "twin" not in out.split("side by side")[-1]
 
 
 @pytest.mark.parametrize("vnni, batch, says", [
