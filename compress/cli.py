@@ -53,21 +53,51 @@ def _quiet_thread_oserror(default):
     return hook
 
 
+def _remember_interrupts():
+    """Install a Ctrl-C handler that raises KeyboardInterrupt, as Python's does, and also
+    records it: a library that imports an optional package under a bare ``except:`` (as
+    torch-pruning does with timm) swallows the KeyboardInterrupt and leaves that package half
+    imported, so the run must stop when the import returns. Returns (the record, the handler
+    to restore), or (record, None) off the main thread."""
+    import signal
+
+    seen = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        return seen, signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:   # not the main thread: leave the handler as it is
+        return seen, None
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
+    import signal
     import threading
 
     hook = threading.excepthook
     if not args.debug:
         threading.excepthook = _quiet_thread_oserror(hook)
+    interrupts, sigint = _remember_interrupts()
+
+    def stop_if_interrupted():
+        if interrupts:
+            raise KeyboardInterrupt
+
     try:
         from .config import load_recipe
         from .plugins import load_plugins
 
+        stop_if_interrupted()
         load_plugins(getattr(args, "plugins", []))
+        stop_if_interrupted()
         if hasattr(args, "handler"):   # a command of compress/commands.py; no recipe
             return args.handler(args)
         recipe = load_recipe(args.recipe, args.overrides)   # sweep: the base recipe checked first
+        stop_if_interrupted()   # the registries' imports (torch, torch-pruning) are done
         if args.command == "validate":
             from .pipeline import validate_recipe
 
@@ -99,10 +129,13 @@ def main(argv=None):
         return 130
     finally:
         threading.excepthook = hook
-        if args.command == "run":
-            from .distributed import teardown
-
-            teardown()   # torchrun: leave the process group (a no-op in one process)
+        if sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
+        # torchrun: leave the process group (a no-op in one process). Only when the module was
+        # imported: after a Ctrl-C during `import torch`, importing it again would crash.
+        distributed = sys.modules.get(f"{__package__}.distributed")
+        if args.command == "run" and distributed is not None:
+            distributed.teardown()
 
 
 if __name__ == "__main__":

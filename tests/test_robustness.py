@@ -1046,3 +1046,23 @@ def test_bad_command_arguments_exit_2_with_a_short_message(files):
     with no_fallback_data(tmp):
         check()
     assert sum(seen.values()) >= 120 and set(seen) == {"eval", "bench", "compare", "report"}, seen
+
+
+def test_ctrl_c_swallowed_by_a_library_import_still_stops_the_command(base, monkeypatch):
+    """torch-pruning imports timm under a bare `except:`; a Ctrl-C landing there is swallowed
+    and leaves timm half imported. The command must stop anyway: exit 130, one line."""
+    import compress.plugins
+
+    def swallowing_import(_plugins):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)   # the handler runs here
+        except:  # noqa: E722 - what the library does
+            pass
+
+    monkeypatch.setattr(compress.plugins, "load_plugins", swallowing_import)
+    before = signal.getsignal(signal.SIGINT)
+    code, out, err = cli(["validate", str(base[1] / "valid.yaml")])
+    assert (code, out) == (130, "")
+    assert err == "interrupted; completed stages are stored and will be reused\n"
+    assert signal.getsignal(signal.SIGINT) is before   # the handler is put back
