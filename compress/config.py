@@ -294,6 +294,11 @@ class StageSpec(Spec):
         """[(field path, models entry)] this stage builds from the recipe's `models` section."""
         return [(p, n) for p, m, n in self.refs() if isinstance(m, ModelRef)]
 
+    def output_files(self):
+        """[(field path, file name)] the stage writes into the recipe's exports folder; two
+        stages (or items) writing one name would overwrite each other, so `parse` refuses it."""
+        return []
+
 
 TeacherRef = Union[stage_ref("teacher"), Annotated[list[stage_ref("teacher")], Field(min_length=1)]]
 
@@ -634,7 +639,7 @@ def parse_recipe(raw):
     recipe = parse(Recipe, {**raw, "stages": []}, "")  # first: a misspelt `stages` is an unknown key
     if not isinstance(stages_raw, list) or not stages_raw:
         raise CompressError("stages: must be a non-empty list of {name, kind, ...}")
-    stages, seen, quantized = [], {}, {}
+    stages, seen, quantized, written = [], {}, {}, {}
     for i, s in enumerate(stages_raw):
         where = f"stages[{i}]"
         if not isinstance(s, dict):
@@ -662,6 +667,11 @@ def parse_recipe(raw):
                 raise CompressError(f"{where}.{field}: stage '{ref}' ({src.kind}) holds a quantized model; "
                                     f"a {spec.kind} stage needs a float model (one from before quantization)")
             q = q or (quantized[ref] and mark.role in ("input", "member"))
+        for field, fname in spec.output_files():
+            if fname in written:
+                raise CompressError(f"{where}.{field}: writes {fname}, as {written[fname]} does; each stage "
+                                    "and format can be exported once per recipe")
+            written[fname] = f"{where}.{field}"
         seen[spec.name] = i
         quantized[spec.name] = q
         stages.append(spec)

@@ -183,6 +183,11 @@ ERROR_CASES = {
     "self-reference": (_set(["stages", 1, "from"], "prune"), ["stages[1].from: stage 'prune' comes later"]),
     "duplicate-name": (_set(["stages", 3, "name"], "distill"),
                        ["stages[3].name: duplicate stage name 'distill' (also stages[2])"]),
+    "export-same-file-twice": (_set(["stages", 4, "models"], [{"model": "qat", "format": "onnx-int8"},
+                                                               {"model": "qat", "format": "onnx-int8",
+                                                                "float_stem": False}]),
+                               ["stages[4].models[1]: writes qat-int8.onnx, as stages[4].models[0] does; "
+                                "each stage and format can be exported once per recipe"]),
     "export-ref-missing": (_set(["stages", 4, "models", 0, "model"], "nope"),
                            ["stages[4].models[0].model: stage 'nope' does not exist"]),
     "both-model-and-from": (_set(["stages", 2, "model"], "teacher"),
@@ -462,3 +467,16 @@ def test_wildcard_override_sets_every_stage_that_has_the_key():
     assert [getattr(s, "epochs", None) for s in r.stages] == [3, None, 3, 3, None]
     with pytest.raises(CompressError, match=r"no element of stages has 'epochz'"):
         load_recipe(root / "recipes/vgg_prune_kd.yaml", ["stages.*.epochz=3"])
+
+
+def test_two_export_stages_writing_one_file_are_refused(tiny_recipe_dict):
+    """They would overwrite each other's file, and each would find its stored file changed and
+    recompute on every run."""
+    tiny_recipe_dict["stages"].append({"name": "export2", "kind": "export",
+                                       "models": [{"model": "qat", "format": "onnx-int8", "float_stem": False}]})
+    with pytest.raises(CompressError) as e:
+        parse_recipe(tiny_recipe_dict)
+    assert str(e.value) == ("stages[5].models[0]: writes qat-int8.onnx, as stages[4].models[0] does; each stage "
+                            "and format can be exported once per recipe")
+    tiny_recipe_dict["stages"][5]["models"][0]["model"] = "distill"
+    assert len(parse_recipe(tiny_recipe_dict).stages) == 6

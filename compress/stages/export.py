@@ -40,6 +40,14 @@ class ExportStage(StageSpec):
     fp32_atol: float = Field(1e-4, gt=0)
     int8_min_agreement: float = Field(0.99, gt=0, le=1)
 
+    def output_files(self):
+        return [(f"models[{i}]", export_name(m)) for i, m in enumerate(self.models)]
+
+
+def export_name(item):
+    """The file an export item writes: ``<stage>-<fp32|int8>.onnx``."""
+    return f"{item.model}-{item.format.removeprefix('onnx-')}.onnx"
+
 
 def _images01(split):
     """Test images as float32 in [0, 1], NCHW, on the CPU: what the ONNX graph takes."""
@@ -91,7 +99,7 @@ def run(cfg, ctx):
     for item in cfg.models:
         model = ctx.results[item.model].get_model().eval()
         fmt = item.format
-        path = out_dir / f"{item.model}-{fmt.removeprefix('onnx-')}.onnx"
+        path = out_dir / export_name(item)
         if ctx.storage is not None:
             ctx.storage.owned(path)   # overwritten only inside exports/<recipe>/
         check = {}
