@@ -303,8 +303,13 @@ def _reference(recipe):
 
 
 def _check_resize(stage, i, skel, shape):
-    """A stage's `progressive_resize` sizes fit the data (no larger than its images) and the
-    model (it runs on the smallest)."""
+    """A stage's random-crop padding is smaller than the data's images, and its
+    `progressive_resize` sizes fit the data (no larger than its images) and the model (it
+    runs on the smallest)."""
+    crop = getattr(getattr(stage, "augment", None), "crop", 0)
+    if crop and crop >= min(shape[1:]):
+        raise CompressError(f"stages[{i}].augment.crop: {crop} px of padding on the data's {shape[1]}x{shape[2]} "
+                            f"images; give 0 (off) to {min(shape[1:]) - 1} (CIFAR recipes pad 4)")
     sizes = getattr(stage, "progressive_resize", None)
     if not sizes:
         return

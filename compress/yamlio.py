@@ -42,8 +42,14 @@ for _tag, _regex, _first in _CORE:
     RecipeLoader.add_implicit_resolver(_tag, re.compile(_regex), list(_first))
 
 
+MAX_INT_DIGITS = 100   # far beyond any recipe number; Python refuses to parse > 4300
+
+
 def _construct_int(loader, node):
     text = loader.construct_scalar(node)
+    if len(text) > MAX_INT_DIGITS:
+        raise CompressError(f"line {node.start_mark.line + 1}: an integer of {len(text)} characters; "
+                            f"at most {MAX_INT_DIGITS}")
     if text.startswith("0o"):
         return int(text[2:], 8)
     if text.startswith("0x"):

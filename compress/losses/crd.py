@@ -46,7 +46,7 @@ class CRDSpec(TermSpec):
     weight: float = Field(0.8, ge=0, description="beta (the authors' run scripts: 0.8)")
     student_layer: str = Field("penultimate", description="feature point or module path")
     teacher_layer: str = Field("penultimate", description="feature point or module path")
-    feat_dim: int = Field(128, ge=1, description="embedding size (paper: 128)")
+    feat_dim: int = Field(128, ge=1, le=1024, description="embedding size (paper: 128)")
     nce_k: int = Field(4096, ge=1, description="negatives per sample (paper: 16384; code: 4096); at most N - 1")
     nce_t: float = Field(0.07, gt=0, description="temperature tau")
     nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory-bank update")
