@@ -25,8 +25,20 @@ FLOAT_HEAVY = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"
 def _onnx_file(path):
     p = Path(path)
     if not p.is_file():
-        raise CompressError(f"{path}: no such file")
+        raise CompressError(f"{path}: {'a directory, not an ONNX file' if p.is_dir() else 'no such file'}")
     return p
+
+
+def _check_float_input(path):
+    """Refuse a file whose input is not float32 images (what bench and eval feed)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    if proto.graph.input:
+        t = proto.graph.input[0].type.tensor_type.elem_type
+        if t != onnx.TensorProto.FLOAT:
+            raise CompressError(f"{path}: its input '{proto.graph.input[0].name}' is "
+                                f"{onnx.TensorProto.DataType.Name(t).lower()}; compress feeds float32 images")
 
 
 def _dims(value_info):
@@ -279,6 +291,7 @@ def cmd_bench(args):
     if not 1 <= args.runs <= 100_000:
         raise CompressError(f"--runs: must be >= 1 and <= 100000, got {args.runs}")
     props, ops, shape = onnx_info(path)
+    _check_float_input(path)
     _check_bench_input(path, shape, args.batch)
     int8 = _is_int8(props, ops)
     threads = args.threads or f"default ({os.cpu_count()} cores)"
@@ -287,6 +300,7 @@ def cmd_bench(args):
     # the other files are checked before anything is timed: a bad one costs no measuring
     others, how = _twin_for(path, args.compare) if (int8 or args.compare) else ([], "")
     for other in others:
+        _check_float_input(other)
         _check_bench_input(other, onnx_info(other)[2], args.batch)
     # All files are timed in turns, so their ratios hold on a machine whose load changes.
     measured = bench_side_by_side([path, *others], args.batch, args.threads, args.runs)

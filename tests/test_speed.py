@@ -576,3 +576,19 @@ def test_tune_allocator_keeps_large_blocks_on_the_heap():
     # the environment's own choice is left alone
     assert _mallinfo("tune", **{**env, "COMPRESS_MALLOC": "default"}) == ["as the environment sets it", [1, 1]]
     assert _mallinfo("tune", **{**env, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})[0] == "as the environment sets it"
+
+
+def test_bench_refuses_a_file_it_cannot_feed_in_one_line(tmp_path, capsys):
+    """A float16 input (compress feeds float32 images) and a directory: exit 2, one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"])], "f16",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None, 16])])
+    path = tmp_path / "f16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert main(["bench", str(path), "--runs", "2"]) == 2
+    assert capsys.readouterr().err == f"error: {path}: its input 'x' is float16; compress feeds float32 images\n"
+    assert main(["bench", str(tmp_path), "--runs", "2"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: a directory, not an ONNX file\n"
