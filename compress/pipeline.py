@@ -180,6 +180,8 @@ def _run(recipe, storage, dev, fresh, data, t_start):
     if main:
         for tmp in [*run_dir.glob("stages/*/.*.tmp"), *export_dir.glob(".*.tmp")]:
             storage.remove(tmp)  # half-written by a killed run; never read, only renamed
+        # the report always lands here: a file in its place fails now, not after training
+        export_dir.mkdir(parents=True, exist_ok=True)
     data = data.to(dev)
     distributed.barrier()   # rank 0 has cleaned up before any rank reads stored results
     ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,

@@ -1066,3 +1066,15 @@ def test_ctrl_c_swallowed_by_a_library_import_still_stops_the_command(base, monk
     assert (code, out) == (130, "")
     assert err == "interrupted; completed stages are stored and will be reused\n"
     assert signal.getsignal(signal.SIGINT) is before   # the handler is put back
+
+
+def test_a_file_where_the_exports_folder_goes_fails_before_training(base, tmp_path):
+    raw, tmp = base
+    work = tmp_path / "w"
+    (work / "exports").mkdir(parents=True)
+    blocker = work / "exports" / raw["name"]
+    blocker.write_text("the user's")
+    code, out, err = cli(["run", str(tmp / "valid.yaml"), "--device", "cpu", "--workdir", str(work)])
+    assert_user_error(code, err, [f"{blocker}: File exists"])
+    assert blocker.read_text() == "the user's"
+    assert not list((work / "runs").rglob("model.pt"))   # nothing trained first
