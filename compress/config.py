@@ -567,7 +567,8 @@ def load_recipe(path, overrides=()):
 
     p = Path(path)
     if not p.is_file():
-        raise CompressError(f"recipe file '{path}' {'is a directory' if p.is_dir() else 'does not exist'}")
+        why = "is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "does not exist"
+        raise CompressError(f"recipe file '{path}' {why}")
     try:
         size = p.stat().st_size
         if size > MAX_BYTES:   # checked before reading: a 50 MB file costs nothing

@@ -19,4 +19,4 @@ def unknown(what, name, valid):
     """Message for a name that is not one of `valid`."""
     valid = sorted(str(v) for v in valid)
     shown = str(name) if len(str(name)) <= 60 else str(name)[:57] + "..."
-    return f"unknown {what} '{shown}'{did_you_mean(name, valid)}; valid: {', '.join(valid)}"
+    return f"unknown {what} '{shown}'{did_you_mean(name, valid)}; valid: {', '.join(valid) or '(none defined)'}"

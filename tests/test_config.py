@@ -1,6 +1,7 @@
 """Recipe parsing, overrides and the one-line errors of `compress validate` / `compress run`."""
 
 import copy
+import os
 from pathlib import Path
 
 import pydantic
@@ -496,3 +497,24 @@ def test_sizes_that_would_crash_or_exhaust_memory_are_refused(tiny_recipe_dict, 
         apply_override(tiny_recipe_dict, assignment)
         validate_recipe(parse_recipe(tiny_recipe_dict))
     assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("stages.prune.round_to=1000", "stages.prune.round_to: 1000 is wider than layer 'features.0' (8 channels); "
+                                   "give round_to <= 8"),
+    ("models={}", "stages[0].model: unknown models entry 'teacher'; valid: (none defined)"),
+])
+def test_messages_name_the_real_fix(tiny_recipe_dict, assignment, message):
+    from compress.pipeline import validate_recipe
+
+    with pytest.raises(CompressError) as e:
+        apply_override(tiny_recipe_dict, assignment)
+        validate_recipe(parse_recipe(tiny_recipe_dict))
+    assert str(e.value) == message
+
+
+def test_a_recipe_path_that_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(CompressError, match=r"^recipe file '.*fifo' is not a regular file$"):
+        load_recipe(fifo)

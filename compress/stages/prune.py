@@ -253,6 +253,9 @@ def check_layers(model, cfg, num_classes):
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in ignored:
             raise CompressError(f"stages.{cfg.name}.layers: '{path}' is not a prunable Conv2d/Linear "
                                 "(the classifier and `ignore` paths are left whole)")
+        if width(m) < step:
+            raise CompressError(f"stages.{cfg.name}.round_to: {step} is wider than layer '{path}' "
+                                f"({width(m)} channels); give round_to <= {width(m)}")
         if int(width(m) * (1 - r)) < step:
             raise CompressError(f"stages.{cfg.name}.layers.{path}: {r:g} would leave it no channel; "
                                 f"at most {largest_ratio(width(m), step):.4f} (with round_to {step})")
@@ -265,7 +268,11 @@ def check_ratio(model, cfg, num_classes, ratio, field):
         raise CompressError(f"stages.{cfg.name}: nothing to prune (every Conv2d/Linear is ignored or the classifier)")
     # torch-pruning's own arithmetic: the narrowest layer keeps int(C * (1 - ratio)) channels
     # (exact at boundaries such as 16 channels, ratio 0.5, round_to 8, which `top` excludes)
-    if int(width(model.get_submodule(layer)) * (1 - ratio)) < (cfg.round_to or 1):
+    c = width(model.get_submodule(layer))
+    if c < (cfg.round_to or 1):
+        raise CompressError(f"stages.{cfg.name}.round_to: {cfg.round_to} is wider than layer '{layer}' "
+                            f"({c} channels); give round_to <= {c}")
+    if int(c * (1 - ratio)) < (cfg.round_to or 1):
         raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' no channel; "
                             f"at most {top:.4f} for this model (with round_to {cfg.round_to or 1})")
 
