@@ -975,7 +975,7 @@ def command_args(draw, tmp, good):
         root = ["--root", f["fmnist"]]
         return {"missing": (["eval", missing, *root], ["no such file"]),
                 "junk": (["eval", f["junk.onnx"], *root], ["not a readable ONNX"]),
-                "dir": (["eval", f["adir"], *root], ["no such file"]),
+                "dir": (["eval", f["adir"], *root], ["a directory, not an ONNX file"]),
                 "classes": (["eval", f["seven.onnx"], *root], ["7 outputs"]),
                 "data": (["eval", f["good.onnx"], "--data", draw(words), *root], ["unknown dataset"]),
                 "subset": (["eval", f["good.onnx"], "--test-subset", str(draw(st.integers(-10**6, 0))), *root],
