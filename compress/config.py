@@ -57,6 +57,12 @@ def _walk(cls, loc, prefix):
             if tagged and len(models) > 1:
                 ann, i = tagged[0], i + 1      # the tag names the union member: not in the path
                 continue
+            if not models and _member_tag(el):
+                # pydantic names the member of a plain union it tried ('str', 'list[str]')
+                lists = [a for a in args if get_origin(a) in (list, tuple) or get_origin(get_args(a)[0] if
+                                                                                get_origin(a) is Annotated else a) in (list, tuple)]
+                ann, i = (lists[0] if lists and el.startswith(("list[", "tuple[")) else args[0]), i + 1
+                continue
             ann = models[0] if len(models) == 1 else (args[0] if args[0] is not type(None) else args[-1])
             continue
         if isinstance(el, int):
@@ -76,6 +82,12 @@ def _walk(cls, loc, prefix):
     while get_origin(ann) in (Annotated, Union, UnionType):
         ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return path, ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _member_tag(el):
+    """Whether a pydantic error location element names a member of a plain union."""
+    return isinstance(el, str) and (el in ("str", "int", "float", "bool")
+                                    or el.startswith(("list[", "tuple[", "dict[", "function-")))
 
 
 def _valid_keys(model_cls):
@@ -130,6 +142,14 @@ def parse(cls, data, path):
         # with its did-you-mean, is the message that helps.
         err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
         loc = tuple(err["loc"])
+        k = next((j for j, el in enumerate(loc) if _member_tag(el)), None)
+        if k is not None and err["type"] != "extra_forbidden":
+            # a plain union: the member that got furthest (a list whose element is wrong) says most
+            deeper = [x for x in errors if tuple(x["loc"][:k]) == loc[:k] and len(x["loc"]) > k + 1
+                      and _member_tag(x["loc"][k])]
+            if deeper:
+                err = deeper[0]
+                loc = tuple(err["loc"])
         if err["type"] == "extra_forbidden":
             where, owner = _walk(cls, loc[:-1], path)
             where = f"{where}.{loc[-1]}" if where else str(loc[-1])
@@ -138,6 +158,15 @@ def parse(cls, data, path):
         if err["type"].startswith("union_tag"):
             where += "." + str((err.get("ctx") or {}).get("discriminator", "")).strip("'")
         msg = _message(err, _valid_keys(owner))
+        if loc and _member_tag(loc[-1]):   # every member of a plain union failed: say each
+            tried = [x for x in errors if len(x["loc"]) == len(loc) and tuple(x["loc"][:-1]) == loc[:-1]]
+            fitting = [x for x in tried if not x["type"].endswith("_type")]   # right type, wrong value
+            wants = list(dict.fromkeys(re.sub(r"^input should be ", "", _message(x, []).split(", got ")[0])
+                                       for x in tried))
+            if fitting:
+                msg = _message(fitting[0], [])
+            elif len(wants) > 1:
+                msg = f"input should be {' or '.join(wants)}, got {_short(err.get('input'))}"
         # a whole-object check names its field first ("ratio: ..."): join it to the path
         m = re.match(r"^([A-Za-z_]\w*): (.*)$", msg) if err["type"] == "value_error" else None
         if m and owner is None and m.group(1) in _valid_keys(_walk(cls, loc, path)[1]):

@@ -518,3 +518,16 @@ def test_a_recipe_path_that_is_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(CompressError, match=r"^recipe file '.*fifo' is not a regular file$"):
         load_recipe(fifo)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("5", "stages[2].teacher: input should be a valid string or a valid list, got 5"),
+    ("[teacher, 5]", "stages[2].teacher[1]: input should be a valid string, got 5"),
+    ("[]", "stages[2].teacher: list should have at least 1 item after validation, not 0, got []"),
+])
+def test_a_field_that_takes_a_name_or_a_list_of_names(tiny_recipe_dict, value, message):
+    """No pydantic member tag ('.str') in the path; the member that fits most says what is wrong."""
+    with pytest.raises(CompressError) as e:
+        apply_override(tiny_recipe_dict, f"stages.distill.teacher={value}")
+        parse_recipe(tiny_recipe_dict)
+    assert str(e.value) == message
