@@ -57,8 +57,8 @@ def _remember_interrupts():
     """Install a Ctrl-C handler that raises KeyboardInterrupt, as Python's does, and also
     records it: a library that imports an optional package under a bare ``except:`` (as
     torch-pruning does with timm) swallows the KeyboardInterrupt and leaves that package half
-    imported, so the run must stop when the import returns. Returns (the record, the handler
-    to restore), or (record, None) off the main thread."""
+    imported, so the run must stop when the import returns. Returns (the record, a function
+    that puts the previous handler back)."""
     import signal
 
     seen = []
@@ -68,20 +68,20 @@ def _remember_interrupts():
         raise KeyboardInterrupt
 
     try:
-        return seen, signal.signal(signal.SIGINT, on_sigint)
+        previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:   # not the main thread: leave the handler as it is
-        return seen, None
+        return seen, lambda: None
+    return seen, lambda: signal.signal(signal.SIGINT, previous)
 
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    import signal
     import threading
 
     hook = threading.excepthook
     if not args.debug:
         threading.excepthook = _quiet_thread_oserror(hook)
-    interrupts, sigint = _remember_interrupts()
+    interrupts, restore_sigint = _remember_interrupts()
 
     def stop_if_interrupted():
         if interrupts:
@@ -129,8 +129,7 @@ def main(argv=None):
         return 130
     finally:
         threading.excepthook = hook
-        if sigint is not None:
-            signal.signal(signal.SIGINT, sigint)
+        restore_sigint()
         # torchrun: leave the process group (a no-op in one process). Only when the module was
         # imported: after a Ctrl-C during `import torch`, importing it again would crash.
         distributed = sys.modules.get(f"{__package__}.distributed")

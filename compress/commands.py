@@ -29,16 +29,11 @@ def _onnx_file(path):
     return p
 
 
-def _check_float_input(path):
+def _check_float_input(path, input_type):
     """Refuse a file whose input is not float32 images (what bench and eval feed)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    if proto.graph.input:
-        t = proto.graph.input[0].type.tensor_type.elem_type
-        if t != onnx.TensorProto.FLOAT:
-            raise CompressError(f"{path}: its input '{proto.graph.input[0].name}' is "
-                                f"{onnx.TensorProto.DataType.Name(t).lower()}; compress feeds float32 images")
+    name, dtype = input_type
+    if dtype not in ("float", ""):
+        raise CompressError(f"{path}: its input '{name}' is {dtype}; compress feeds float32 images")
 
 
 def _dims(value_info):
@@ -60,7 +55,8 @@ def onnx_io_shapes(path):
 
 
 def onnx_info(path):
-    """(metadata_props dict, graph op types, input shape) of an ONNX file."""
+    """(metadata_props dict, graph op types, input shape, (input name, element type such as
+    'float')) of an ONNX file."""
     import onnx
 
     try:
@@ -69,8 +65,10 @@ def onnx_info(path):
         raise CompressError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     ops = list(dict.fromkeys(n.op_type for n in proto.graph.node))
-    shape = _dims(proto.graph.input[0]) if proto.graph.input else []
-    return props, ops, shape
+    first = proto.graph.input[0] if proto.graph.input else None
+    shape = _dims(first) if first else []
+    dtype = onnx.TensorProto.DataType.Name(first.type.tensor_type.elem_type).lower() if first else ""
+    return props, ops, shape, (first.name if first else "", dtype)
 
 
 def fixed_batch(shape):
@@ -116,7 +114,8 @@ def evaluate_onnx(path, data=None, root=None, test_subset=None):
     from .onnx_io import ort_logits, ort_session
 
     path = _onnx_file(path)
-    props, _, shape = onnx_info(path)
+    props, _, shape, input_type = onnx_info(path)
+    _check_float_input(path, input_type)
     name = data or props.get("dataset")
     if not name:
         raise CompressError(f"--data: {path} names no dataset in its metadata; give --data NAME "
@@ -290,8 +289,8 @@ def cmd_bench(args):
         raise CompressError(f"--threads: must be >= 1 and <= 1024, got {args.threads}")
     if not 1 <= args.runs <= 100_000:
         raise CompressError(f"--runs: must be >= 1 and <= 100000, got {args.runs}")
-    props, ops, shape = onnx_info(path)
-    _check_float_input(path)
+    props, ops, shape, input_type = onnx_info(path)
+    _check_float_input(path, input_type)
     _check_bench_input(path, shape, args.batch)
     int8 = _is_int8(props, ops)
     threads = args.threads or f"default ({os.cpu_count()} cores)"
@@ -299,9 +298,12 @@ def cmd_bench(args):
           f"onnxruntime {ort.__version__}, CPU, threads {threads}, median of {args.runs} runs")
     # the other files are checked before anything is timed: a bad one costs no measuring
     others, how = _twin_for(path, args.compare) if (int8 or args.compare) else ([], "")
+    other_int8 = []
     for other in others:
-        _check_float_input(other)
-        _check_bench_input(other, onnx_info(other)[2], args.batch)
+        o_props, o_ops, o_shape, o_input = onnx_info(other)
+        _check_float_input(other, o_input)
+        _check_bench_input(other, o_shape, args.batch)
+        other_int8.append(_is_int8(o_props, o_ops))
     # All files are timed in turns, so their ratios hold on a machine whose load changes.
     measured = bench_side_by_side([path, *others], args.batch, args.threads, args.runs)
     res = measured[0]
@@ -324,8 +326,7 @@ def cmd_bench(args):
                   f"{', '.join(k for k in kernels if k in QDQ_OPS + FLOAT_HEAVY) or 'float ops'} instead")
     if len(others) > 1 or (others and args.compare):
         _print_side_by_side([path, *others], measured, args.batch)
-    for twin, ref in zip(others, measured[1:]):
-        twin_int8 = _is_int8(*onnx_info(twin)[:2])
+    for twin, ref, twin_int8 in zip(others, measured[1:], other_int8):
         label = ("its FP32 twin" if int8 and len(others) == 1 and not twin_int8
                  else f"the {'INT8' if twin_int8 else 'FP32'} file")
         for b in args.batch:

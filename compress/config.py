@@ -59,9 +59,10 @@ def _walk(cls, loc, prefix):
                 continue
             if not models and _member_tag(el):
                 # pydantic names the member of a plain union it tried ('str', 'list[str]')
-                lists = [a for a in args if get_origin(a) in (list, tuple) or get_origin(get_args(a)[0] if
-                                                                                get_origin(a) is Annotated else a) in (list, tuple)]
-                ann, i = (lists[0] if lists and el.startswith(("list[", "tuple[")) else args[0]), i + 1
+                is_list = el.startswith(("list[", "tuple["))
+                bare = [get_args(a)[0] if get_origin(a) is Annotated else a for a in args]
+                ann = next((a for a, b in zip(args, bare) if (get_origin(b) in (list, tuple)) == is_list), args[0])
+                i += 1
                 continue
             ann = models[0] if len(models) == 1 else (args[0] if args[0] is not type(None) else args[-1])
             continue
@@ -573,9 +574,9 @@ def _assign(node, keys, value, where, path):
             _assign(node[idx], rest, value, f"{where}.{k}", path)
     elif isinstance(node, dict):
         dotted = ".".join(keys)
-        if k not in node and any(isinstance(key, str) and (dotted == key or dotted.startswith(key + "."))
-                                 for key in node):   # a key that holds dots (a module path)
-            key = max((key for key in node if dotted == key or dotted.startswith(key + ".")), key=len)
+        held = [key for key in node if isinstance(key, str) and (dotted == key or dotted.startswith(key + "."))]
+        if k not in node and held:   # a key that holds dots (a module path)
+            key = max(held, key=len)
             spelled = f"{where}[{key}]" if where else f"[{key}]"
             raise CompressError(f"--set {path}: {where or 'the recipe'} has the key '{key}'; write it in "
                                 f"brackets: {spelled}{dotted[len(key):]}=...")

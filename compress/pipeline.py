@@ -304,7 +304,7 @@ def _reference(recipe):
     return recipe.stages[0].name
 
 
-def _check_resize(stage, i, skel, shape):
+def _check_sizes(stage, i, skel, shape):
     """A stage's random-crop padding is smaller than the data's images, and its
     `progressive_resize` sizes fit the data (no larger than its images) and the model (it
     runs on the smallest)."""
@@ -357,7 +357,7 @@ def validate_recipe(recipe, data=None):
             raise CompressError(msg if named else f"stages.{s.name}: {msg}") from None
         if skel is not None:
             skeletons[s.name] = skel
-        _check_resize(s, i, skel, shape)
+        _check_sizes(s, i, skel, shape)
         t_refs = [r for _, r in s.stage_refs("teacher")]
         t_skel = (Ensemble([skeletons[n] for n in t_refs]) if len(t_refs) > 1
                   else skeletons.get(t_refs[0]) if t_refs else None)

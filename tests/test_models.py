@@ -246,7 +246,7 @@ class Noisy(nn.Module):
 def test_the_probe_leaves_the_model_and_random_draws_alone(tiny_recipe_dict):
     """The forward check runs on a copy with the random state kept: the model a stage trains,
     and every draw after it, are what they would be without the check."""
-    from compress.stages import new_model
+    from compress.stages import PlanBuilder
 
     tiny_recipe_dict["models"] = {"t": {"arch": "noisy"}}
     tiny_recipe_dict["stages"] = [{"name": "teacher", "kind": "train", "model": "t", "epochs": 1}]
@@ -254,7 +254,7 @@ def test_the_probe_leaves_the_model_and_random_draws_alone(tiny_recipe_dict):
     try:
         recipe = parse_recipe(tiny_recipe_dict)
         torch.manual_seed(3)
-        model, _ = new_model(recipe, "t", (1, 8, 8), 10)
+        model = PlanBuilder(recipe, (1, 8, 8), 10)("t")
         after = torch.rand(4)
     finally:
         del MODELS["noisy"]

@@ -162,12 +162,12 @@ def test_coupled_layers_given_one_ratio_are_pruned_together():
     model = Branchy()
     cfg = prune_cfg(layers={"stem.0": 0.75, "res.0": 0.75}, ignore=["br_a", "br_b"])
     groups = check_coupling(model, cfg, SHAPE, NCLS)
-    assert spread_ratios(groups, model, cfg) == []
+    assert spread_ratios(groups, model, cfg, NCLS) == []
     prune_model(model, cfg, SHAPE, NCLS, 0.5)
     assert (model.stem[0].out_channels, model.res[0].out_channels) == (4, 4)
     assert (model.br_a[0].out_channels, model.br_b[0].out_channels, model.pw[0].out_channels) == (16, 16, 16)
     one = prune_cfg(layers={"stem.0": 0.75})
-    assert spread_ratios(check_coupling(Branchy(), one, SHAPE, NCLS), Branchy(), one) == [
+    assert spread_ratios(check_coupling(Branchy(), one, SHAPE, NCLS), Branchy(), one, NCLS) == [
         "note: stages.prune.layers.stem.0: ratio 0.75 also applies to 'res.0' (coupled: pruned together)"]
 
 

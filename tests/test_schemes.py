@@ -89,9 +89,9 @@ def test_takd_chain_and_direct_student_start_from_one_initialisation(tmp_path):
     from compress.stages import new_model
 
     r = load_recipe(ROOT / "recipes/takd.yaml")
-    m1, _ = new_model(r, "student", (1, 28, 28), 10)
-    m2, _ = new_model(r, "student", (1, 28, 28), 10)
-    m3, _ = new_model(r, "student", (1, 28, 28), 10, salt="#peer1")
+    m1, _ = new_model(r, "student", 1, 10)
+    m2, _ = new_model(r, "student", 1, 10)
+    m3, _ = new_model(r, "student", 1, 10, salt="#peer1")
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
     assert not torch.equal(next(m1.parameters()), next(m3.parameters()))
 

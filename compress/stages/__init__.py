@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..errors import CompressError
 from ..registry import Registry
 
 STAGES = Registry("stage kind")
@@ -17,7 +18,8 @@ STAGES = Registry("stage kind")
 @dataclass(frozen=True)
 class PlanBuilder:
     """What a ``plan`` function gets as `build`: ``build(name)`` makes the skeleton of the
-    recipe's ``models.<name>`` sized for the data; ``input_shape`` (C, H, W) lets a plan
+    recipe's ``models.<name>`` sized for the data (a CompressError when it cannot map the
+    data's images to logits, see :func:`logits_problem`); ``input_shape`` (C, H, W) lets a plan
     trace a model (e.g. through quantization preparation)."""
 
     recipe: object
@@ -25,7 +27,11 @@ class PlanBuilder:
     num_classes: int
 
     def __call__(self, name):
-        return new_model(self.recipe, name, self.input_shape, self.num_classes)[0]
+        model = new_model(self.recipe, name, self.input_shape[0], self.num_classes)[0]
+        # run validates first, so each model is probed once per run, here
+        if why := logits_problem(model, self.input_shape, self.num_classes):
+            raise CompressError(f"models.{name}: {self.recipe.models[name].arch} {why}")
+        return model
 
 
 @dataclass(frozen=True)
@@ -87,16 +93,13 @@ def describe(model, ctx, cost_model=None, history=None):
 
 
 
-def new_model(recipe, name, input_shape, num_classes, salt=""):
-    """(model, spec) for the recipe's `models.<name>` entry, sized for the data's
-    `input_shape` (C, H, W); CompressError unless it maps a batch of such images to logits
-    in training and in evaluation mode. `salt` draws a different initialisation of the same
-    entry (e.g. the peers of a cohort)."""
+def new_model(recipe, name, in_channels, num_classes, salt=""):
+    """(model, spec) for the recipe's `models.<name>` entry, sized for the data. `salt`
+    draws a different initialisation of the same entry (e.g. the peers of a cohort)."""
     from ..errors import CompressError
     from ..models import REFUSED_ARGS, build_model, factory_params, make_spec, model_factory, validate_cfg
 
     d = recipe.models[name]
-    in_channels = input_shape[0]
     factory = model_factory(d.arch, f"models.{name}.arch")
     allowed, any_kwargs = factory_params(factory)
     for k in d.args:
@@ -126,8 +129,6 @@ def new_model(recipe, name, input_shape, num_classes, salt=""):
             # e.g. width: 1e9, .inf; a library constructor's own complaint about an argument
             raise CompressError(f"models.{name}: cannot build {d.arch} with args {dict(d.args)} "
                                 f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})") from None
-    if why := logits_problem(model, input_shape, num_classes):
-        raise CompressError(f"models.{name}: {d.arch} {why}")
     return model, make_spec(d.arch, args)
 
 
@@ -165,7 +166,7 @@ def input_model(cfg, ctx, build_fresh=True):
     if getattr(cfg, "from_", None):
         src = ctx.results[cfg.from_]
         return copy.deepcopy(src.get_model()), copy.deepcopy(src.spec)
-    model, spec = new_model(ctx.recipe, cfg.model, ctx.data.input_shape, ctx.data.num_classes)
+    model, spec = new_model(ctx.recipe, cfg.model, ctx.data.input_shape[0], ctx.data.num_classes)
     return model, spec
 
 

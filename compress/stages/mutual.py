@@ -45,7 +45,7 @@ def run(cfg, ctx):
     >>> # {name: dml, kind: mutual, models: [student, student], loss: [{term: dml}]}
     """
     shape, ncls = ctx.data.input_shape, ctx.data.num_classes
-    built = [new_model(ctx.recipe, m, shape, ncls, salt=f"#peer{i}") for i, m in enumerate(cfg.models)]
+    built = [new_model(ctx.recipe, m, shape[0], ncls, salt=f"#peer{i}") for i, m in enumerate(cfg.models)]
     cohort = prepare(Ensemble([m for m, _ in built]), ctx)
     sample = next(iterate(ctx.data.train, ctx.data, 2, channels_last=True)).x
     info = TermInfo(num_samples=len(ctx.data.train), num_classes=ncls,

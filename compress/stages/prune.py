@@ -147,13 +147,13 @@ def dependency_groups(model, input_shape):
     return groups
 
 
-def _whole_ids(model, cfg, num_classes):
-    return {id(x) for m in left_whole(model, cfg, num_classes) for x in m.modules()}
-
-
-def _given_ratios(model, cfg):
-    """{id(module): (recipe key, ratio)} of the `layers` entries."""
-    return {id(resolve(model, p, f"stages.{cfg.name}.layers")): (p, r) for p, r in cfg.layers.items()}
+def _roles(model, cfg, num_classes):
+    """({module path: (recipe key, ratio)} of the `layers` entries, {module paths left whole}:
+    the classifier, the `ignore` entries and everything inside them)."""
+    path_of = {id(m): p for p, m in model.named_modules()}
+    given = {path_of[id(resolve(model, k, f"stages.{cfg.name}.layers"))]: (k, r) for k, r in cfg.layers.items()}
+    whole = {path_of[id(x)] for m in left_whole(model, cfg, num_classes) for x in m.modules()}
+    return given, whole
 
 
 def check_coupling(model, cfg, input_shape, num_classes):
@@ -164,13 +164,12 @@ def check_coupling(model, cfg, input_shape, num_classes):
     Returns the groups (:func:`dependency_groups`)."""
     where = f"stages.{cfg.name}"
     groups = dependency_groups(model, input_shape)
-    mods = dict(model.named_modules())
-    whole, given = _whole_ids(model, cfg, num_classes), _given_ratios(model, cfg)
+    given, whole = _roles(model, cfg, num_classes)
     for channels, members in groups:
         if len(members) < 2:
             continue
-        asked = [given[id(mods[p])] for p, _ in members if id(mods[p]) in given]
-        kept = [(p, w) for p, w in members if id(mods[p]) in whole]
+        asked = [given[p] for p, _ in members if p in given]
+        kept = [(p, w) for p, w in members if p in whole]
         if asked and kept:
             raise CompressError(f"{where}.layers.{asked[0][0]}: coupled with '{kept[0][0]}', which is left whole "
                                 f"(ignored or the classifier), so torch-pruning prunes none of {_names(members)}")
@@ -185,14 +184,13 @@ def check_coupling(model, cfg, input_shape, num_classes):
     return groups
 
 
-def spread_ratios(groups, model, cfg):
+def spread_ratios(groups, model, cfg, num_classes):
     """Lines naming the layers a `layers` ratio also narrows because they are coupled with
     the layer it names (torch-pruning gives the whole group that ratio)."""
-    mods = dict(model.named_modules())
-    given, lines = _given_ratios(model, cfg), []
+    given, lines = _roles(model, cfg, num_classes)[0], []
     for _, members in groups:
-        asked = [given[id(mods[p])] for p, _ in members if id(mods[p]) in given]
-        others = [(p, w) for p, w in members if id(mods[p]) not in given]
+        asked = [given[p] for p, _ in members if p in given]
+        others = [(p, w) for p, w in members if p not in given]
         if asked and others:
             lines.append(f"note: stages.{cfg.name}.layers.{asked[0][0]}: ratio {asked[0][1]:g} also applies to "
                          f"{_names(others)} (coupled: pruned together)")
@@ -205,16 +203,15 @@ def check_outcome(groups, model, cfg, num_classes, ratio):
     empty one of its layers, e.g. one branch of a concatenation)."""
     if cfg.global_:
         return
-    mods = dict(model.named_modules())
-    whole, given = _whole_ids(model, cfg, num_classes), _given_ratios(model, cfg)
+    given, whole = _roles(model, cfg, num_classes)
     step = cfg.round_to or 1
     for channels, members in groups:
-        if any(id(mods[p]) in whole for p, _ in members):
+        if any(p in whole for p, _ in members):
             continue
-        r = next((given[id(mods[p])][1] for p, _ in members if id(mods[p]) in given), ratio)
+        r = next((given[p][1] for p, _ in members if p in given), ratio)
         keep = int(channels * (1 - r))
         keep -= keep % step
-        if 0 < keep < channels and all(width(mods[p]) == w for p, w in members):
+        if 0 < keep < channels and all(width(model.get_submodule(p)) == w for p, w in members):
             what = (f"'{members[0][0]}'" if len(members) == 1 else
                     f"{_names(members)} ({'concatenated' if any(w != channels for _, w in members) else 'coupled'})")
             raise CompressError(f"stages.{cfg.name}: torch-pruning left {what} whole, though ratio {r:g} asks to "
@@ -237,7 +234,7 @@ def max_ratio(model, cfg, num_classes):
     ignored |= {id(resolve(model, p, "layers")) for p in cfg.layers}   # their own ratios apply
     step = cfg.round_to or 1
     widths = [(path, width(m)) for path, m in model.named_modules()
-              if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in ignored]
+              if prunable(m) and id(m) not in ignored]
     if not widths:
         return None, None
     path, c = min(widths, key=lambda w: w[1])
@@ -250,7 +247,7 @@ def check_layers(model, cfg, num_classes):
     step = cfg.round_to or 1
     for path, r in cfg.layers.items():
         m = resolve_layer(model, path, f"stages.{cfg.name}.layers", num_classes)
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or id(m) in ignored:
+        if not prunable(m) or id(m) in ignored:
             raise CompressError(f"stages.{cfg.name}.layers: '{path}' is not a prunable Conv2d/Linear "
                                 "(the classifier and `ignore` paths are left whole)")
         if width(m) < step:
@@ -372,7 +369,7 @@ def run(cfg, ctx):
     except Exception as e:  # noqa: BLE001 - torch-pruning errors become one line
         raise CompressError(f"stages.{cfg.name}: torch-pruning failed: {type(e).__name__}: {e}") from None
     check_outcome(groups, model, cfg, ncls, ratio)
-    for line in spread_ratios(groups, model, cfg):
+    for line in spread_ratios(groups, model, cfg, ncls):
         print(f"  {line}")
     after = layer_shapes(model)
     widths = {p: [before[p]["out_channels"], s["out_channels"]] for p, s in after.items()
