@@ -64,6 +64,8 @@ def rebuild(spec):
         input_shape = quant.pop("input_shape", None)
         # Checkpoints from before the pt2e backend name none: they were eager.
         quant.setdefault("backend", "eager")
+        # ... and from before float_convs, every conv was quantized.
+        quant.setdefault("float_convs", "none")
         model = quantize_model(model, QuantSpec(**quant), input_shape)
     return model
 

@@ -19,7 +19,7 @@ from compress.onnx_io import check_int8_agreement, check_int8_kernels, export_on
 from compress.pipeline import run_recipe, validate_recipe
 from compress.quant import (QuantSpec, backend_of, calibrate, is_quantized, quantize_model,
                             set_qat_phase, to_int8_module)
-from compress.quant.pt2e import PT2EModel
+from compress.quant.pt2e import PT2EModel, integer_conv_slow
 
 
 class BasicBlock(nn.Module):
@@ -121,7 +121,9 @@ def case(request, tmp_path_factory):
     float_model = perturb_bn(prune(factory(), shape, ignore))
     timings = {}
     t0 = time.perf_counter()
-    q = quantize_model(float_model, QuantSpec(), shape)
+    # every conv integer here (these tiny widths would otherwise start with a float lead,
+    # tested below): the fusion of each kind of op into onnxruntime's integer kernels
+    q = quantize_model(float_model, QuantSpec(float_convs="none"), shape)
     timings["prepare"] = time.perf_counter() - t0
     calibrate(q, [images(shape, 32, 1)])
     q = q.to(memory_format=torch.channels_last)
@@ -221,6 +223,73 @@ def test_ort_runs_integer_kernels_for_every_conv_and_add(case):
 def test_int8_file_agrees_with_fake_quant(case):
     agreement = check_int8_agreement(case["path"], case["q"], images(case["shape"], 256, 8))
     assert agreement >= 0.99
+
+
+@pytest.mark.parametrize("out_ch, in_ch, groups, kernel, slow", [
+    (8, 1, 1, (3, 3), True),      # a stem on one channel: 7.5x slower as INT8 (README)
+    (32, 3, 1, (3, 3), True),     # RGB stem: input channels not a multiple of 4
+    (8, 8, 1, (3, 3), True),      # < 16 output channels: no ConvSym kernel
+    (16, 4, 1, (3, 3), True),     # too short a dot product (K = 36)
+    (16, 8, 1, (3, 3), False),
+    (16, 4, 1, (1, 1), False),
+    (8, 32, 1, (1, 1), True),
+    (24, 24, 24, (3, 3), False),  # depthwise: left integer
+])
+def test_integer_conv_slow_follows_the_measured_table(out_ch, in_ch, groups, kernel, slow):
+    assert integer_conv_slow(out_ch, in_ch, groups, kernel) is slow
+
+
+class NarrowThenWide(nn.Module):
+    """A stem and a block at 8 channels (slower as INT8), then 16- and 32-channel blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = BasicBlock(8, 8, 1)
+        self.layer2 = BasicBlock(8, 16, 2)
+        self.layer3 = BasicBlock(16, 32, 2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = perturb_bn(NarrowThenWide())
+    shape = (1, 16, 16)
+    assert quantize_model(model, QuantSpec(float_convs="none"), shape).float_layers == []
+    q = quantize_model(model, QuantSpec(), shape)
+    # the lead: stem and layer1 (8 channels); layer2 takes an 8-channel input with 16 outputs
+    # (integer pays), and so does its 1x1 shortcut; nothing after the lead is float
+    assert q.float_layers == ["conv1", "layer1.conv1", "layer1.conv2"]
+    fq_inputs = {n.args[0].name for n in q.gm.graph.nodes
+                 if n.op == "call_module" and "activation_post_process" in n.target}
+    assert "x" not in fq_inputs   # the float lead takes the float input: no input quantizer
+    calibrate(q, [images(shape, 32, 1)])
+    q.train()
+    F.cross_entropy(q(images(shape, 16, 2)), torch.arange(16) % 10).backward()
+    set_qat_phase(q, observers=False, bn_stats=False)
+    q.eval()
+    path = tmp_path / "lead-int8.onnx"
+    export_onnx(to_int8_module(q), path, input_shape=shape, mean=[0.5], std=[0.25], metadata={})
+    ops = check_int8_kernels(path, float_convs=len(q.float_layers))
+    from compress.onnx_io import ort_op_counts
+
+    counts = ort_op_counts(path)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert ops["QLinearConv"] == convs - 3
+    assert sum(n for op, n in counts.items() if "Conv" in op and not op.startswith("QLinear")) == 3
+    assert ops["QLinearAdd"] == 2 and counts.get("Add", 0) + counts.get("Sum", 0) <= 1   # layer1's add is float
+    assert check_int8_agreement(path, q, images(shape, 256, 8)) >= 0.99
+    # rebuilt from its spec, the checkpoint has the same graph and loads strictly
+    spec = {"arch": "t", "quant": {"weight_bits": 7, "act_bits": 8, "backend": "pt2e", "float_convs": "auto"}}
+    save_checkpoint(tmp_path / "q.pt", spec, q)
+    again = quantize_model(model, QuantSpec(float_convs="auto"), shape)
+    again.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True)["state_dict"])
+    assert again.float_layers == q.float_layers
 
 
 def test_check_int8_kernels_refuses_a_float_graph(tmp_path):

@@ -147,6 +147,28 @@ def _only_user(n: Node) -> Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) -> bool:
+    """True for a dense convolution that onnxruntime's CPU kernels run slower as INT8 than as FP32.
+
+    onnxruntime's fast integer convolution (MLAS's symmetric "ConvSym" kernel, taken for our
+    symmetric int8 weights) needs at least 16 output channels and input channels in multiples
+    of 4; other convs run as im2col + a generic integer GEMM. A k x k conv on 4 input channels
+    is too short a dot product to pay even there. `python benchmarks/int8_convs.py` (64 images
+    of 28x28, one conv, kernel time; README "Exported files"): 3x3 1->16 7.6x, 4->16 1.28x,
+    8->8 1.25x slower as INT8, 8->16 0.73x, 16->16 0.52x; the same verdicts run as an AVX2 CPU."""
+    if groups != 1:
+        return False   # depthwise and grouped convs: not measured here, left integer
+    k = 1
+    for d in kernel:
+        k *= int(d)
+    return in_channels % 4 != 0 or out_channels < 16 or (k > 1 and in_channels < 8)
+
+
+def _module_path(n: Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else n.name
+
+
 def make_quantizer(spec):
     """A torchao ``Quantizer`` annotating a captured graph with our scheme for `spec`
     (weight_bits, act_bits, ema of ``QuantSpec``); see the module docstring.
@@ -168,9 +190,28 @@ def make_quantizer(spec):
             observer=pt2e.MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0))
 
     class CompressQuantizer(qz.Quantizer):
+        def __init__(self):
+            super().__init__()
+            self.float_layers: list[str] = []   # module paths of the convs left float
+
         def annotate(self, gm: GraphModule) -> GraphModule:
+            # The float lead: with ``float_convs: auto`` the convs from the input on that
+            # onnxruntime runs slower as integer kernels (``integer_conv_slow``) stay float, and
+            # so does everything computed only from them; the graph turns integer at the first
+            # op that takes an integer-worthy input. Only a lead, never a float island inside the
+            # integer graph: there onnxruntime would quantize a float conv's weights itself.
+            floating: set[Node] = set()
             for n in gm.graph.nodes:
+                if n.op == "placeholder" and spec.float_convs == "auto":
+                    floating.add(n)
                 if n.op != "call_function" or _annotated(n):
+                    continue
+                ins = [a for a in n.all_input_nodes if a.op != "get_attr"]
+                if ins and all(a in floating for a in ins) and (
+                        n.target not in _CONVS or _float_conv(n)) and n.target not in _LINEARS:
+                    floating.add(n)
+                    if n.target in _CONVS:
+                        self.float_layers.append(_module_path(n))
                     continue
                 if n.target in _CONVS or n.target in _LINEARS:
                     x, w = n.args[0], n.args[1]
@@ -200,6 +241,11 @@ def make_quantizer(spec):
 
         def validate(self, gm: GraphModule) -> None:
             pass
+
+    def _float_conv(n):
+        w = n.args[1].meta.get("val")
+        groups = _arg(n, 6, "groups", 1)
+        return w is not None and integer_conv_slow(w.shape[0], w.shape[1] * groups, groups, w.shape[2:])
 
     def _annotated(n):
         a = n.meta.get("quantization_annotation")
@@ -264,6 +310,7 @@ class PT2EModel(nn.Module):
         self.register_buffer("observing", torch.tensor(True))
         self.register_buffer("bn_frozen", torch.tensor(False))
         self._gm_training = True      # the graph was captured and prepared in train mode
+        self.float_layers: list[str] = []   # convs left float (``QuantSpec.float_convs``)
         self.training = True
 
     def fake_quants(self):
@@ -325,15 +372,17 @@ def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
     _, qpt2e, _ = _torchao()
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     gm = capture(model, input_shape)
+    quantizer = make_quantizer(spec)
     try:
         with _quiet():
-            prepared = qpt2e.prepare_qat_pt2e(gm, make_quantizer(spec))
+            prepared = qpt2e.prepare_qat_pt2e(gm, quantizer)
     except CompressError:
         raise
     except Exception as e:
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): PT2E "
                             f"preparation failed ({_one_line(e)})") from None
     q = PT2EModel(prepared, spec, input_shape)
+    q.float_layers = list(quantizer.float_layers)
     q.register_load_state_dict_post_hook(_reapply_after_load)
     q.to(device)
     return q.train(model.training)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from ..errors import CompressError
 
 BACKENDS = ("auto", "eager", "pt2e")
+FLOAT_CONVS = ("auto", "none")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,11 @@ class QuantSpec:
     backend: ``eager`` (own fake-quant modules; plain ``nn.Sequential`` stacks such as
         the VGGs), ``pt2e`` (torchao's graph-mode flow; any model ``torch.export`` can
         capture) or ``auto`` (eager where it applies, pt2e otherwise).
+    float_convs: pt2e backend. ``auto``: the convs from the input on that onnxruntime runs
+        slower as INT8 than as FP32 (fewer than 16 output channels, or input channels not a
+        multiple of 4, e.g. a stem on 1-3 channels) stay float, trained and exported so;
+        ``none``: every conv is quantized. (The eager backend decides this at export,
+        ``float_stem``.)
 
     >>> QuantSpec(weight_bits=8).weight_bits
     8
@@ -30,6 +36,7 @@ class QuantSpec:
     act_bits: int = 8
     ema: float = 0.01
     backend: str = "auto"
+    float_convs: str = "auto"
 
     def __post_init__(self):
         # Weights are stored as int8 and activations as uint8, so neither may exceed 8.
@@ -41,3 +48,5 @@ class QuantSpec:
             raise CompressError(f"ema: must be in (0, 1], got {self.ema}")
         if self.backend not in BACKENDS:
             raise CompressError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.float_convs not in FLOAT_CONVS:
+            raise CompressError(f"float_convs: must be one of {', '.join(FLOAT_CONVS)}, got {self.float_convs!r}")

@@ -120,9 +120,12 @@ def run(cfg, ctx):
             logits = ort_logits(path, images)   # one onnxruntime pass: the agreement check and top-1
             check["top1_agreement"] = float(check_int8_agreement(
                 path, copy.deepcopy(qmodel).cpu(), images, min_agreement=cfg.int8_min_agreement, logits=logits))
-            # no float Conv left after ORT's fusion but those the export keeps float on purpose
-            float_convs = sum(type(m) is torch.nn.Conv2d for m in int8.modules())
+            # no float Conv left after ORT's fusion but those kept float on purpose
+            kept = list(getattr(qmodel, "float_layers", []))
+            float_convs = len(kept) or sum(type(m) is torch.nn.Conv2d for m in int8.modules())
             check["ort_int8_ops"] = check_int8_kernels(path, float_convs)
+            if kept:
+                check["float_convs"] = kept
             if not is_quantized(model):
                 check["post_training"] = True
         top1 = 100.0 * float((logits.argmax(1) == labels).mean())

@@ -37,6 +37,9 @@ class QATStage(StageSpec, TrainingSpec):
     freeze_observers_epoch: int = Field(1, ge=0, description="epoch from which activation ranges are frozen")
     backend: Literal["auto", "eager", "pt2e"] = Field(
         "auto", description="eager: own modules, plain Sequential stacks; pt2e: torchao, any capturable graph")
+    float_convs: Literal["auto", "none"] = Field(
+        "auto", description="pt2e backend: auto keeps the leading convs that onnxruntime runs slower in INT8 "
+        "(< 16 output channels, or input channels not a multiple of 4) float; none quantizes every conv")
 
     @model_validator(mode="after")
     def _check(self):
@@ -56,7 +59,8 @@ class QATStage(StageSpec, TrainingSpec):
 
     @property
     def quant(self):
-        return QuantSpec(weight_bits=self.weight_bits, act_bits=self.act_bits, backend=self.backend)
+        return QuantSpec(weight_bits=self.weight_bits, act_bits=self.act_bits, backend=self.backend,
+                         float_convs=self.float_convs)
 
 
 def quantize_for(cfg, model, input_shape):
@@ -106,6 +110,7 @@ def run(cfg, ctx):
     quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "backend": backend_of(qmodel)}
     if quant["backend"] == "pt2e":  # the graph is captured with an example of this shape
         quant["input_shape"] = list(ctx.data.input_shape)
+        quant["float_convs"] = cfg.float_convs
     spec = {**copy.deepcopy(src.spec), "quant": quant}
     return StageResult(spec=spec, model=qmodel,
                        metrics=describe(qmodel, ctx, cost_model=float_model, history=history),
