@@ -616,14 +616,60 @@ def load_recipe(path, overrides=()):
 
 
 def _term_fields(cls):
-    """Names (and aliases) of the fields of a stage config holding lists of loss terms."""
+    """[(field name, key in YAML)] of the fields of a stage config holding lists of loss terms."""
     from .losses import TERM_LIST
 
     def holds_terms(ann):
         args = get_args(ann) if get_origin(ann) is list else ()
         return bool(args) and TERM_LIST in getattr(args[0], "__metadata__", ())
 
-    return [f.alias or n for n, f in cls.model_fields.items() if holds_terms(f.annotation)]
+    return [(n, f.alias or n) for n, f in cls.model_fields.items() if holds_terms(f.annotation)]
+
+
+def _role_fields(cls, role):
+    """Keys of the fields of a stage config that name `role` stages (by their StageRef marks)."""
+    def marks(ann, meta=()):
+        found = [m for m in meta if isinstance(m, StageRef)]
+        if get_origin(ann) is Annotated:
+            base, *more = get_args(ann)
+            return found + marks(base, more)
+        return found + [m for a in get_args(ann) for m in marks(a)]
+
+    return [f.alias or n for n, f in cls.model_fields.items()
+            if any(m.role == role for m in marks(f.annotation, f.metadata))]
+
+
+def _check_terms(spec, kind, where):
+    """Refuse a loss term the parsed stage cannot run, in one line naming the term's field and
+    the terms valid there: one that reads a cohort's peers outside a stage kind that trains a
+    cohort (`dml` in a distill stage), one that needs a teacher in a stage without one."""
+    from .losses import LOSSES
+    from .stages import STAGES
+
+    has_teacher = bool(spec.stage_refs("teacher"))
+
+    def misfit(term):
+        cls = LOSSES[term]
+        if cls.uses_cohort and not kind.trains_cohort:
+            return "cohort"
+        if cls.uses_teacher and not has_teacher:
+            return "teacher"
+        return None
+
+    valid = ", ".join(sorted(n for n in LOSSES if misfit(n) is None)) or "(none)"
+    for name, key in _term_fields(type(spec)):
+        for j, t in enumerate(getattr(spec, name)):
+            at, why = f"{where}.{key}[{j}].term", misfit(t.term)
+            if why == "cohort":
+                kinds = " or ".join(sorted(k for k in STAGES if STAGES[k].trains_cohort)) or "cohort-training"
+                raise CompressError(f"{at}: '{t.term}' trains a cohort of peers and is only valid in a {kinds} "
+                                    f"stage; valid in a {spec.kind} stage: {valid}")
+            if why == "teacher" and (fields := _role_fields(type(spec), "teacher")):
+                raise CompressError(f"{at}: '{t.term}' needs a teacher; set {where}.{fields[0]} to an earlier "
+                                    f"stage, or use a term that needs none: {valid}")
+            if why == "teacher":
+                raise CompressError(f"{at}: '{t.term}' needs a teacher, and a {spec.kind} stage has none; "
+                                    f"valid in a {spec.kind} stage: {valid}")
 
 
 def _parse_terms(cls, s, where):
@@ -632,7 +678,7 @@ def _parse_terms(cls, s, where):
     from .losses import LOSSES
 
     s = dict(s)
-    for key in _term_fields(cls):
+    for _, key in _term_fields(cls):
         items = s.get(key)
         if not isinstance(items, list):
             continue
@@ -678,6 +724,7 @@ def parse_recipe(raw):
         _check_tag(s, "kind", where, "stage kind", STAGES)
         kind = STAGES[s["kind"]]
         spec = parse(kind.spec, _parse_terms(kind.spec, s, where), where)
+        _check_terms(spec, kind, where)
         if spec.name in seen:
             raise CompressError(f"{where}.name: duplicate stage name '{spec.name}' (also stages[{seen[spec.name]}])")
         q = kind.quantizes

@@ -13,6 +13,7 @@ import compress.data
 from compress.cli import main
 from compress.config import apply_override, load_recipe, parse_recipe
 from compress.errors import CompressError
+from compress.losses import LOSSES
 from compress.stages import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -525,3 +526,52 @@ def test_a_field_that_takes_a_name_or_a_list_of_names(tiny_recipe_dict, value, m
         apply_override(tiny_recipe_dict, f"stages.distill.teacher={value}")
         parse_recipe(tiny_recipe_dict)
     assert str(e.value) == message
+
+
+def _terms(cohort=None, teacher=None):
+    """The registered terms that read a cohort's peers (a `peers` field the mutual stage fills
+    in) and that need a teacher as asked (None: either)."""
+    return ", ".join(sorted(n for n, t in LOSSES.items()
+                            if cohort in (None, "peers" in t.spec_cls.model_fields)
+                            and teacher in (None, t.uses_teacher)))
+
+
+MUTUAL = {"name": "peers", "kind": "mutual", "models": ["teacher", "teacher"], "epochs": 1, "batch_size": 32}
+
+
+@pytest.mark.parametrize("stage, loss, message", [
+    (2, [{"term": "dml"}],
+     "stages[2].loss[0].term: 'dml' trains a cohort of peers and is only valid in a mutual stage; valid in a "
+     "distill stage: " + _terms(cohort=False)),
+    (3, [{"term": "kd"}, {"term": "online_kd"}],
+     "stages[3].loss[1].term: 'online_kd' trains a cohort of peers and is only valid in a mutual stage; valid in "
+     "a qat stage: " + _terms(cohort=False)),
+    (5, [{"term": "kd", "T": 4}],
+     "stages[5].loss[0].term: 'kd' needs a teacher, and a mutual stage has none; valid in a mutual stage: "
+     + _terms(teacher=False)),
+    (None, [{"term": "mbd"}],   # a qat stage without `teacher`
+     "stages[3].loss[0].term: 'mbd' needs a teacher; set stages[3].teacher to an earlier stage, or use a term "
+     "that needs none: " + _terms(cohort=False, teacher=False)),
+])
+def test_a_loss_term_the_stage_kind_cannot_run_is_refused_when_parsed(tiny_recipe_dict, stage, loss, message):
+    """A cohort term (dml) outside a mutual stage used to fail in validate on a layer path
+    ('no layer members.0'); a teacher term in a mutual stage passed validate and crashed in run."""
+    tiny_recipe_dict["stages"].append(copy.deepcopy(MUTUAL))
+    if stage is None:
+        stage = 3
+        del tiny_recipe_dict["stages"][stage]["teacher"]
+    tiny_recipe_dict["stages"][stage]["loss"] = loss
+    with pytest.raises(CompressError) as e:
+        parse_recipe(tiny_recipe_dict)
+    assert str(e.value) == message
+
+
+def test_cohort_terms_parse_in_a_mutual_stage_and_validate_names_the_term(tiny_recipe_dict, tmp_path, capsys):
+    tiny_recipe_dict["stages"].append({**MUTUAL, "loss": [{"term": "dml"}, {"term": "online_kd"}, {"term": "ce"}]})
+    assert [t.term for t in parse_recipe(tiny_recipe_dict).stages[5].loss] == ["dml", "online_kd", "ce"]
+    for name in LOSSES:   # the mutual stage fills in `peers`: every cohort term has it
+        assert LOSSES[name].uses_cohort == ("peers" in LOSSES[name].spec_cls.model_fields), name
+    tiny_recipe_dict["stages"][2]["loss"] = [{"term": "dml"}]
+    msg = cli_error(capsys, ["validate", str(write_recipe(tmp_path, tiny_recipe_dict))])
+    assert msg.startswith("stages[2].loss[0].term: 'dml' trains a cohort of peers and is only valid in a mutual "
+                          "stage; valid in a distill stage: at, ce,"), msg

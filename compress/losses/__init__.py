@@ -82,6 +82,10 @@ class LossTerm(nn.Module):
 
     spec_cls = TermSpec
     uses_teacher = False
+    # Reads each peer of a cohort (module paths members.0 ... members.K-1; K is the spec's
+    # `peers`, filled in by the stage): only a stage kind registered with trains_cohort
+    # (mutual) can run it; parsing refuses it elsewhere.
+    uses_cohort = False
     min_batch = 1      # fewest images per batch the term's math is defined for
 
     @classmethod

@@ -39,6 +39,7 @@ class DML(LossTerm):
     """Deep mutual learning: every peer's CE plus its mean KL towards each other peer."""
 
     spec_cls = DMLSpec
+    uses_cohort = True
 
     def student_layers(self):
         return [f"members.{i}" for i in range(self.spec.peers)]

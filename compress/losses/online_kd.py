@@ -37,6 +37,7 @@ class OnlineKD(LossTerm):
     """Online ensemble KD: each peer's CE, the ensemble's CE, and KD from the ensemble."""
 
     spec_cls = OnlineKDSpec
+    uses_cohort = True
 
     def student_layers(self):
         return [f"members.{i}" for i in range(self.spec.peers)]

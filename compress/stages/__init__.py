@@ -41,11 +41,12 @@ class StageKind:
     plan: Callable        # plan(cfg, inputs, build: PlanBuilder) -> nn.Module | None
     makes_model: bool = True
     quantizes: bool = False   # its model is quantized (stages needing a float model refuse it)
+    trains_cohort: bool = False   # its student is a cohort of peers (loss terms with uses_cohort)
 
 
-def register(name, spec, plan, makes_model=True, quantizes=False):
+def register(name, spec, plan, makes_model=True, quantizes=False, trains_cohort=False):
     def deco(run):
-        STAGES.register(name)(StageKind(spec, run, plan, makes_model, quantizes))
+        STAGES.register(name)(StageKind(spec, run, plan, makes_model, quantizes, trains_cohort))
         return run
     return deco
 

@@ -38,7 +38,7 @@ def _plan(cfg, inputs, build):
     return Ensemble([build(m) for m in cfg.models])
 
 
-@register("mutual", MutualStage, _plan)
+@register("mutual", MutualStage, _plan, trains_cohort=True)
 def run(cfg, ctx):
     """Train a cohort of peers together.
 

@@ -49,12 +49,9 @@ class QATStage(StageSpec, TrainingSpec):
         for f in ("freeze_bn_epoch", "freeze_observers_epoch"):
             if getattr(self, f) > self.epochs:
                 raise ValueError(f"{f}: must be <= epochs ({self.epochs}), got {getattr(self, f)}")
-        from ..losses import LOSSES
-
+        # a loss term that needs a teacher when none is set: refused by config._check_terms
         if self.teacher is not None and (why := check_teacher_weights(self.teacher, self.teacher_weights)):
             raise ValueError(why)
-        if self.teacher is None and any(LOSSES[t.term].uses_teacher for t in self.loss):
-            raise ValueError("loss: a term needs a teacher; set `teacher` to an earlier stage")
         return self
 
     @property
