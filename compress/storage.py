@@ -58,11 +58,17 @@ class Storage:
     >>> s.remove(s.run_dir / "tb" / "teacher")   # fine; s.remove(Path("..")) raises
     """
 
-    def __init__(self, workdir, recipe_name):
+    def __init__(self, workdir, recipe_name, suffix=""):
+        """`suffix` (a constant of the code, e.g. ``-sweep``) names the folders a command derives
+        from the recipe's: ``runs/<recipe><suffix>/``. The recipe name is checked as the user
+        gave it, so any name a recipe may have works with every suffix (100 + at most 20
+        characters, well within the file systems' 255 bytes)."""
         check_name(recipe_name, "name")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{0,20}", suffix):
+            raise ValueError(f"storage suffix {suffix!r}: at most 20 of letters, digits, '_', '-', '.'")
         self.workdir = Path(workdir)
-        self.run_dir = self.workdir / "runs" / recipe_name
-        self.export_dir = self.workdir / "exports" / recipe_name
+        self.run_dir = self.workdir / "runs" / f"{recipe_name}{suffix}"
+        self.export_dir = self.workdir / "exports" / f"{recipe_name}{suffix}"
 
     def owned(self, path):
         """`path` if it resolves strictly inside runs/<recipe>/ or exports/<recipe>/, else a

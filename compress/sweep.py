@@ -231,8 +231,9 @@ def run_sweep(args):
     shared = shared_stages(recipes)
     ray, tune = _import_ray(args.search)
 
-    sweep_name = f"{base.name}-sweep"
-    storage = Storage(Path(args.workdir).resolve(), sweep_name)
+    # runs/<recipe>-sweep/: up to 106 characters, as a recipe name may have 100
+    storage = Storage(Path(args.workdir).resolve(), base.name, suffix="-sweep")
+    sweep_name = storage.run_dir.name
     run_dir, export_dir = storage.run_dir, storage.export_dir
     ncpu = os.cpu_count() or 1
     threads = max(1, ncpu // args.max_concurrent)

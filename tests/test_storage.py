@@ -81,3 +81,21 @@ def test_storage_removes_only_inside_its_folders(tmp_path):
     with pytest.raises(CompressError, match="refusing to delete"):
         s.remove(link)
     assert outside.read_text() == "keep"
+
+
+def test_a_derived_folder_takes_any_recipe_name_plus_its_suffix(tmp_path):
+    """`compress sweep` stores under runs/<recipe>-sweep/: a recipe name of 100 characters
+    (the most a recipe may have) makes a 106-character folder, which is fine; the suffix is a
+    constant of the code and may not carry a separator."""
+    name = "x" * 100
+    s = Storage(tmp_path, name, suffix="-sweep")
+    assert s.run_dir == tmp_path / "runs" / f"{name}-sweep" and s.export_dir == tmp_path / "exports" / f"{name}-sweep"
+    (s.export_dir / "sub").mkdir(parents=True)
+    s.remove(s.export_dir / "sub")
+    with pytest.raises(CompressError, match="refusing to delete"):
+        s.remove(tmp_path / "runs" / name)         # the recipe's own folder is not the sweep's
+    with pytest.raises(CompressError, match="cannot name a folder or file"):
+        Storage(tmp_path, "x" * 101, suffix="-sweep")
+    for bad in ("/x", "-sweep/..", "-" * 21):
+        with pytest.raises(ValueError, match="storage suffix"):
+            Storage(tmp_path, name, suffix=bad)

@@ -57,6 +57,26 @@ def test_grid_sweep_shares_the_teacher_and_marks_a_non_dominated_front(tmp_path,
     assert (out / "pareto.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
+def test_sweep_of_a_recipe_with_the_longest_name_validate_accepts(tmp_path, tiny_recipe_dict, capsys):
+    """The sweep's folders are runs/<recipe>-sweep/ and exports/<recipe>-sweep/: with a recipe
+    name of 100 characters they have 106, which was refused after validate accepted the recipe."""
+    pytest.importorskip("ray.tune", reason="pip install -e '.[sweep]'")
+    name = "n" * 100
+    tiny_recipe_dict["name"] = name
+    tiny_recipe_dict["stages"] = tiny_recipe_dict["stages"][:1] + [
+        {"name": "export", "kind": "export", "models": [{"model": "teacher", "format": "onnx-fp32"}],
+         "latency_runs": 3}]
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
+    assert main(["validate", str(recipe)]) == 0
+    assert main(["sweep", str(recipe), "--param", "stages.teacher.epochs=1", "--workdir", str(tmp_path)]) == 0, \
+        capsys.readouterr().err
+    sweep = json.loads((tmp_path / "exports" / f"{name}-sweep" / "sweep.json").read_text())
+    assert sweep["recipe"] == name and len(sweep["trials"]) == 1 and sweep["trials"][0]["point"]
+    assert (tmp_path / "runs" / f"{name}-sweep" / "trials").is_dir()
+
+
 def test_sweep_without_ray_says_how_to_install(tmp_path, tiny_recipe_dict, monkeypatch, capsys):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
