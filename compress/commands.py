@@ -230,14 +230,17 @@ def _check_bench_input(path, shape, batches):
     """Refuse batches the file cannot take (a frozen batch axis) or that would not fit in memory."""
     if len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
         raise CompressError(f"{path}: input shape {shape} is not fixed beyond the batch axis")
+    per_image = 4
+    for d in shape[1:]:
+        per_image *= d
+    if per_image > MAX_BENCH_BYTES:   # no batch size helps: say so, not "at most 0"
+        raise CompressError(f"{path}: one image of {shape[1:]} needs {per_image / 2**30:.1f} GiB of float32 "
+                            f"input; the limit is {MAX_BENCH_BYTES / 2**30:g} GiB per batch")
     b = fixed_batch(shape)
     wrong = [x for x in batches if b and x != b]
     if wrong:
         raise CompressError(f"--batch {wrong[0]}: {path} takes batches of exactly {b} (its batch axis is "
                             f"fixed); use --batch {b}, or export with a dynamic batch axis")
-    per_image = 4
-    for d in shape[1:]:
-        per_image *= d
     big = [x for x in batches if x * per_image > MAX_BENCH_BYTES]
     if big:
         raise CompressError(f"--batch {big[0]}: {big[0]} images of {shape[1:]} need "

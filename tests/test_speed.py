@@ -592,3 +592,28 @@ def test_bench_refuses_a_file_it_cannot_feed_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {path}: its input 'x' is float16; compress feeds float32 images\n"
     assert main(["bench", str(tmp_path), "--runs", "2"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: a directory, not an ONNX file\n"
+
+
+def test_bench_says_when_one_image_is_over_the_input_limit(tmp_path, capsys):
+    """An input of [N, 3, 100000, 100000] said "at most 0 for this model"; no batch size can
+    help, so the message says what one image needs. A batch too large for a smaller image
+    still gets the largest batch that fits. Nothing is run: only the declared shape is read."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def model(name, hw):
+        graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"])], name,
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, hw, hw])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3 * hw * hw])])
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    huge, big = model("huge", 100_000), model("big", 4096)
+    for batch in ("1", "64"):
+        assert main(["bench", str(huge), "--batch", batch, "--runs", "2"]) == 2
+        assert capsys.readouterr().err == (f"error: {huge}: one image of [3, 100000, 100000] needs 111.8 GiB of "
+                                           "float32 input; the limit is 1 GiB per batch\n")
+    assert main(["bench", str(big), "--batch", "64", "--runs", "2"]) == 2
+    assert capsys.readouterr().err == ("error: --batch 64: 64 images of [3, 4096, 4096] need 12.0 GiB of input; "
+                                       "at most 5 for this model\n")
