@@ -340,6 +340,30 @@ def check_int8_kernels(path, float_convs: int = 0) -> dict[str, int]:
     return out
 
 
+def slow_integer_convs(path) -> int:
+    """How many of an INT8 file's integer convolutions (a ``Conv`` whose weights come from a
+    ``DequantizeLinear`` of int8) have a shape onnxruntime runs slower as INT8 than as FP32
+    (``compress.quant.pt2e.integer_conv_slow``, measured by ``benchmarks/int8_convs.py``).
+
+    >>> slow_integer_convs("resnet_int8.onnx")  # doctest: +SKIP
+    19
+    """
+    from .quant.pt2e import integer_conv_slow
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name: i for i in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    count = 0
+    for n in g.node:
+        dq = made_by.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        w = inits.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if w is None or w.data_type != onnx.TensorProto.INT8 or len(w.dims) < 3:
+            continue
+        groups = next((a.i for a in n.attribute if a.name == "group"), 1)
+        count += integer_conv_slow(w.dims[0], w.dims[1] * groups, groups, w.dims[2:])
+    return count
+
+
 def _normalization(path) -> tuple[list[float], list[float]]:
     """(mean, std) that `path`'s graph applies, from the metadata export_onnx writes."""
     try:

@@ -235,6 +235,11 @@ def render_markdown(report):
                 ptq = " (post-training quantization)" if c.get("post_training") else ""
                 lines.append(f"- `{e['path']}`: top-1 agreement with the fake-quant model "
                              f"{100 * c['top1_agreement']:.2f}%{ptq}.")
+            if c.get("float_convs"):
+                names = c["float_convs"]
+                lines.append(f"- `{e['path']}`: {len(names)} leading convolution(s) kept float "
+                             f"(`float_convs: auto`, slower as INT8 here): "
+                             + ", ".join(f"`{n}`" for n in names[:8]) + (", ..." if len(names) > 8 else "") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -243,6 +248,14 @@ def _why_not_faster(report, export, batch, ms):
     measured: the CPU's VNNI flags, the batch, the model's MACs."""
     vnni = report.get("environment", {}).get("vnni")
     macs = next((s.get("macs") for s in report["stages"] if s["name"] == export["model"]), None)
+    slow = export.get("check", {}).get("slow_int8_convs")
+    if slow:
+        ops = export.get("check", {}).get("ort_int8_ops", {})
+        of = f" of its {ops['QLinearConv']}" if ops.get("QLinearConv") else ""
+        return (f"because {slow}{of} integer convolutions have shapes onnxruntime runs slower as INT8 than "
+                "as FP32 (fewer than 16 output channels, input channels not a multiple of 4, or a k x k "
+                "kernel on fewer than 8; benchmarks/int8_convs.py): a qat stage's `float_convs: auto` "
+                "keeps such convolutions float when they lead from the input")
     if vnni == []:
         return ("because this CPU has no VNNI: onnxruntime's integer convolutions then multiply in "
                 "16-bit steps and gain little over FP32, while quantizing, dequantizing and layout "

@@ -15,7 +15,7 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.config import parse_recipe
 from compress.errors import CompressError
 from compress.models import MODELS, VGG, layer_shapes
-from compress.onnx_io import check_int8_agreement, check_int8_kernels, export_onnx
+from compress.onnx_io import check_int8_agreement, check_int8_kernels, export_onnx, slow_integer_convs
 from compress.pipeline import run_recipe, validate_recipe
 from compress.quant import (QuantSpec, backend_of, calibrate, is_quantized, quantize_model,
                             set_qat_phase, to_int8_module)
@@ -242,14 +242,14 @@ def test_integer_conv_slow_follows_the_measured_table(out_ch, in_ch, groups, ker
 class NarrowThenWide(nn.Module):
     """A stem and a block at 8 channels (slower as INT8), then 16- and 32-channel blocks."""
 
-    def __init__(self):
+    def __init__(self, in_channels=1, num_classes=10):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 8, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(8)
         self.layer1 = BasicBlock(8, 8, 1)
         self.layer2 = BasicBlock(8, 16, 2)
         self.layer3 = BasicBlock(16, 32, 2)
-        self.fc = nn.Linear(32, 10)
+        self.fc = nn.Linear(32, num_classes)
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
@@ -284,6 +284,12 @@ def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
     assert sum(n for op, n in counts.items() if "Conv" in op and not op.startswith("QLinear")) == 3
     assert ops["QLinearAdd"] == 2 and counts.get("Add", 0) + counts.get("Sum", 0) <= 1   # layer1's add is float
     assert check_int8_agreement(path, q, images(shape, 256, 8)) >= 0.99
+    assert slow_integer_convs(path) == 0
+    q0 = quantize_model(model, QuantSpec(float_convs="none"), shape)
+    calibrate(q0, [images(shape, 32, 1)])
+    export_onnx(to_int8_module(q0.eval()), tmp_path / "all.onnx", input_shape=shape, mean=[0.5], std=[0.25],
+                metadata={})
+    assert slow_integer_convs(tmp_path / "all.onnx") == 3   # the stem (1 -> 8) and layer1's 8 -> 8
     # rebuilt from its spec, the checkpoint has the same graph and loads strictly
     spec = {"arch": "t", "quant": {"weight_bits": 7, "act_bits": 8, "backend": "pt2e", "float_convs": "auto"}}
     save_checkpoint(tmp_path / "q.pt", spec, q)
@@ -398,12 +404,17 @@ def test_cached_pattern_graphs_prepare_the_same_graph():
 
 
 @pytest.mark.slow
-def test_resnet_recipe_through_qat_and_int8_export(tiny_recipe_dict, registered, tmp_path):
+@pytest.mark.parametrize("float_convs, arch, convs, adds", [("none", TinyResNet, 6, 2),
+                                                            ("auto", NarrowThenWide, 9, 3)])
+def test_resnet_recipe_through_qat_and_int8_export(float_convs, arch, convs, adds, tiny_recipe_dict,
+                                                   registered, tmp_path):
     """train -> prune -> distill -> qat -> export on a residual net, then the export again
-    from the stored (rebuilt) qat checkpoint."""
-    registered("_test_arch", TinyResNet)
+    from the stored (rebuilt) qat checkpoint; with `float_convs: auto` the pruned net's
+    narrow lead (the stem and layer1 at 4 channels, ...) stays float through all of it."""
+    registered("_test_arch", arch)
     d = dict(tiny_recipe_dict)
     d["models"] = {"teacher": {"arch": "_test_arch"}}
+    d["stages"][3]["float_convs"] = float_convs
     d["stages"][-1] = {"name": "export", "kind": "export", "latency_runs": 2, "models": [
         {"model": "teacher", "format": "onnx-fp32"}, {"model": "qat", "format": "onnx-int8"}]}
     rep = run_recipe(parse_recipe(d), workdir=tmp_path, device="cpu")
@@ -412,7 +423,13 @@ def test_resnet_recipe_through_qat_and_int8_export(tiny_recipe_dict, registered,
     ex = {e["model"]: e for e in rep["exports"]}
     assert ex["qat"]["check"]["top1_agreement"] >= 0.99
     ops = ex["qat"]["check"]["ort_int8_ops"]
-    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["Add"] == 0
+    lead = ex["qat"]["check"].get("float_convs", [])
+    if float_convs == "none":
+        assert lead == [] and ops["QLinearAdd"] == adds
+    else:   # a lead from the input; layer3 (16 -> 32 channels once pruned) is integer
+        assert lead[0] == "conv1" and not any(name.startswith("layer3") for name in lead)
+        assert 0 < ops["QLinearAdd"] < adds
+    assert ops["QLinearConv"] + len(lead) == convs and ops["Add"] == 0
     d["stages"][-1]["latency_runs"] = 3      # the export runs again, qat is loaded from disk
     again = run_recipe(parse_recipe(d), workdir=tmp_path, device="cpu")
     assert {s["name"]: s["reused"] for s in again["stages"]} == {

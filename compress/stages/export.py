@@ -19,7 +19,7 @@ from ..config import Spec, StageSpec, stage_ref
 from ..data import iterate
 from ..errors import CompressError
 from ..onnx_io import (check_fp32_parity, check_int8_agreement, check_int8_kernels, export_onnx,
-                       ort_latency_side_by_side, ort_logits)
+                       ort_latency_side_by_side, ort_logits, slow_integer_convs)
 from ..quant import QuantSpec, calibrate, is_quantized, quantize_model, to_int8_module
 from . import StageResult, register
 
@@ -126,6 +126,9 @@ def run(cfg, ctx):
             check["ort_int8_ops"] = check_int8_kernels(path, float_convs)
             if kept:
                 check["float_convs"] = kept
+            slow = slow_integer_convs(path)
+            if slow:
+                check["slow_int8_convs"] = slow
             if not is_quantized(model):
                 check["post_training"] = True
         top1 = 100.0 * float((logits.argmax(1) == labels).mean())
