@@ -254,7 +254,7 @@ def _why_not_faster(report, export, batch, ms):
         of = f" of its {ops['QLinearConv']}" if ops.get("QLinearConv") else ""
         return (f"because {slow}{of} integer convolutions have shapes onnxruntime runs slower as INT8 than "
                 "as FP32 (fewer than 16 output channels, input channels not a multiple of 4, or a k x k "
-                "kernel on fewer than 8; benchmarks/int8_convs.py): a qat stage's `float_convs: auto` "
+                "kernel on fewer than 8 inputs; benchmarks/int8_convs.py): a qat stage's `float_convs: auto` "
                 "keeps such convolutions float when they lead from the input")
     if vnni == []:
         return ("because this CPU has no VNNI: onnxruntime's integer convolutions then multiply in "

@@ -154,7 +154,7 @@ def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) 
     symmetric int8 weights) needs at least 16 output channels and input channels in multiples
     of 4; other convs run as im2col + a generic integer GEMM. A k x k conv on 4 input channels
     is too short a dot product to pay even there. `python benchmarks/int8_convs.py` (64 images
-    of 28x28, one conv, kernel time; README "Exported files"): 3x3 1->16 7.6x, 4->16 1.28x,
+    of 28x28, one conv, kernel time; README "Which convolutions stay float"): 3x3 1->16 7.6x, 4->16 1.28x,
     8->8 1.25x slower as INT8, 8->16 0.73x, 16->16 0.52x; the same verdicts run as an AVX2 CPU."""
     if groups != 1:
         return False   # depthwise and grouped convs: not measured here, left integer

@@ -23,10 +23,10 @@ class QuantSpec:
         the VGGs), ``pt2e`` (torchao's graph-mode flow; any model ``torch.export`` can
         capture) or ``auto`` (eager where it applies, pt2e otherwise).
     float_convs: pt2e backend. ``auto``: the convs from the input on that onnxruntime runs
-        slower as INT8 than as FP32 (fewer than 16 output channels, or input channels not a
-        multiple of 4, e.g. a stem on 1-3 channels) stay float, trained and exported so;
-        ``none``: every conv is quantized. (The eager backend decides this at export,
-        ``float_stem``.)
+        slower as INT8 than as FP32 (``pt2e.integer_conv_slow``: fewer than 16 output
+        channels, input channels not a multiple of 4 such as a stem on 1-3 channels, or a
+        k x k kernel on fewer than 8) stay float, trained and exported so; ``none``: every
+        conv is quantized. (The eager backend decides this at export, ``float_stem``.)
 
     >>> QuantSpec(weight_bits=8).weight_bits
     8
