@@ -231,6 +231,8 @@ def test_int8_file_agrees_with_fake_quant(case):
     (8, 8, 1, (3, 3), True),      # < 16 output channels: no ConvSym kernel
     (16, 4, 1, (3, 3), True),     # too short a dot product (K = 36)
     (16, 8, 1, (3, 3), False),
+    (8, 16, 1, (3, 3), False),    # the generic kernel pays on 16 inputs (0.82x)
+    (8, 32, 1, (3, 3), False),
     (16, 4, 1, (1, 1), False),
     (8, 32, 1, (1, 1), True),
     (24, 24, 24, (3, 3), False),  # depthwise: left integer

@@ -152,16 +152,19 @@ def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) 
 
     onnxruntime's fast integer convolution (MLAS's symmetric "ConvSym" kernel, taken for our
     symmetric int8 weights) needs at least 16 output channels and input channels in multiples
-    of 4; other convs run as im2col + a generic integer GEMM. A k x k conv on 4 input channels
-    is too short a dot product to pay even there. `python benchmarks/int8_convs.py` (64 images
-    of 28x28, one conv, kernel time; README "Which convolutions stay float"): 3x3 1->16 7.6x, 4->16 1.28x,
-    8->8 1.25x slower as INT8, 8->16 0.73x, 16->16 0.52x; the same verdicts run as an AVX2 CPU."""
+    of 4; other convs run as im2col + a generic integer GEMM, which pays only for a k x k conv
+    on 16 or more inputs. A k x k conv on 4 input channels is too short a dot product to pay
+    even with the fast kernel. `python benchmarks/int8_convs.py` (64 images of 28x28, one conv,
+    kernel time; README "Which convolutions stay float"), INT8 / FP32: 3x3 1->16 7.6x, 4->16
+    1.28x, 8->8 1.25x, 1x1 16->8 1.50x; 3x3 16->8 0.82x, 8->16 0.73x, 16->16 0.52x, 1x1 4->16
+    0.71x; the same verdicts run as an AVX2 CPU."""
     if groups != 1:
         return False   # depthwise and grouped convs: not measured here, left integer
     k = 1
     for d in kernel:
         k *= int(d)
-    return in_channels % 4 != 0 or out_channels < 16 or (k > 1 and in_channels < 8)
+    return (in_channels % 4 != 0 or (k > 1 and in_channels < 8)
+            or (out_channels < 16 and (k == 1 or in_channels < 16)))
 
 
 def _module_path(n: Node) -> str:

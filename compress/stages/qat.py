@@ -39,7 +39,7 @@ class QATStage(StageSpec, TrainingSpec):
         "auto", description="eager: own modules, plain Sequential stacks; pt2e: torchao, any capturable graph")
     float_convs: Literal["auto", "none"] = Field(
         "auto", description="pt2e backend: auto keeps the leading convs that onnxruntime runs slower in INT8 "
-        "(< 16 output channels, input channels not a multiple of 4, or k x k on < 8 inputs) float; "
+        "(< 16 outputs unless k x k on >= 16 inputs, inputs not a multiple of 4, or k x k on < 8 inputs) float; "
         "none quantizes every conv")
 
     @model_validator(mode="after")
