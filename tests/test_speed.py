@@ -621,3 +621,18 @@ def test_bench_says_when_one_image_is_over_the_input_limit(tmp_path, capsys):
     assert main(["bench", str(big), "--batch", "64", "--runs", "2"]) == 2
     assert capsys.readouterr().err == ("error: --batch 64: 64 images of [3, 4096, 4096] need 12.0 GiB of input; "
                                        "at most 5 for this model\n")
+
+
+# ---- benchmarks/int8_convs.py: which conv shapes pay as INT8 -----------------------------------
+
+def test_int8_convs_benchmark_prints_each_shape_with_the_rules_verdict():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_convs.py"
+    out = subprocess.run([sys.executable, str(script), "--threads", "1", "--runs", "6", "--batch", "2",
+                          "--size", "8", "--kernel", "1"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [ln.split() for ln in out.stdout.splitlines() if re.match(r"^\s*1\s+\d+\s+\d+\s", ln)]
+    assert len(rows) == 18                                       # every (in, out) pair of the grid
+    verdict = {(int(r[1]), int(r[2])): r[-1] for r in rows}
+    assert verdict[(1, 16)] == "float" and verdict[(8, 16)] == "int8" and verdict[(32, 8)] == "float"
+    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)   # both kernels were timed
+    assert out.stdout.startswith("cpu: ")
