@@ -340,16 +340,34 @@ def check_int8_kernels(path, float_convs: int = 0) -> dict[str, int]:
     return out
 
 
+def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) -> bool:
+    """True for a dense convolution that onnxruntime's CPU kernels run slower as INT8 than as FP32.
+
+    onnxruntime's fast integer convolution (MLAS's symmetric "ConvSym" kernel, taken for our
+    symmetric int8 weights) needs at least 16 output channels and input channels in multiples
+    of 4; other convs run as im2col + a generic integer GEMM, which pays only for a k x k conv
+    on 16 or more inputs. A k x k conv on 4 input channels is too short a dot product to pay
+    even with the fast kernel. `python benchmarks/int8_convs.py` (64 images of 28x28, one conv,
+    kernel time; README "Which convolutions stay float"), INT8 / FP32: 3x3 1->16 7.6x, 4->16
+    1.28x, 8->8 1.25x, 1x1 16->8 1.50x; 3x3 16->8 0.82x, 8->16 0.73x, 16->16 0.52x, 1x1 4->16
+    0.71x; the same verdicts run as an AVX2 CPU."""
+    if groups != 1:
+        return False   # depthwise and grouped convs: not measured here, left integer
+    k = 1
+    for d in kernel:
+        k *= int(d)
+    return (in_channels % 4 != 0 or (k > 1 and in_channels < 8)
+            or (out_channels < 16 and (k == 1 or in_channels < 16)))
+
+
 def slow_integer_convs(path) -> int:
     """How many of an INT8 file's integer convolutions (a ``Conv`` whose weights come from a
     ``DequantizeLinear`` of int8) have a shape onnxruntime runs slower as INT8 than as FP32
-    (``compress.quant.pt2e.integer_conv_slow``, measured by ``benchmarks/int8_convs.py``).
+    (:func:`integer_conv_slow`, measured by ``benchmarks/int8_convs.py``).
 
     >>> slow_integer_convs("resnet_int8.onnx")  # doctest: +SKIP
     19
     """
-    from .quant.pt2e import integer_conv_slow
-
     g = onnx.load(str(path), load_external_data=False).graph
     inits = {i.name: i for i in g.initializer}
     made_by = {o: n for n in g.node for o in n.output}

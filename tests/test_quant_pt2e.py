@@ -15,11 +15,12 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.config import parse_recipe
 from compress.errors import CompressError
 from compress.models import MODELS, VGG, layer_shapes
-from compress.onnx_io import check_int8_agreement, check_int8_kernels, export_onnx, slow_integer_convs
+from compress.onnx_io import (check_int8_agreement, check_int8_kernels, export_onnx, integer_conv_slow,
+                              slow_integer_convs)
 from compress.pipeline import run_recipe, validate_recipe
 from compress.quant import (QuantSpec, backend_of, calibrate, is_quantized, quantize_model,
                             set_qat_phase, to_int8_module)
-from compress.quant.pt2e import PT2EModel, integer_conv_slow
+from compress.quant.pt2e import PT2EModel
 
 
 class BasicBlock(nn.Module):

@@ -147,26 +147,6 @@ def _only_user(n: Node) -> Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) -> bool:
-    """True for a dense convolution that onnxruntime's CPU kernels run slower as INT8 than as FP32.
-
-    onnxruntime's fast integer convolution (MLAS's symmetric "ConvSym" kernel, taken for our
-    symmetric int8 weights) needs at least 16 output channels and input channels in multiples
-    of 4; other convs run as im2col + a generic integer GEMM, which pays only for a k x k conv
-    on 16 or more inputs. A k x k conv on 4 input channels is too short a dot product to pay
-    even with the fast kernel. `python benchmarks/int8_convs.py` (64 images of 28x28, one conv,
-    kernel time; README "Which convolutions stay float"), INT8 / FP32: 3x3 1->16 7.6x, 4->16
-    1.28x, 8->8 1.25x, 1x1 16->8 1.50x; 3x3 16->8 0.82x, 8->16 0.73x, 16->16 0.52x, 1x1 4->16
-    0.71x; the same verdicts run as an AVX2 CPU."""
-    if groups != 1:
-        return False   # depthwise and grouped convs: not measured here, left integer
-    k = 1
-    for d in kernel:
-        k *= int(d)
-    return (in_channels % 4 != 0 or (k > 1 and in_channels < 8)
-            or (out_channels < 16 and (k == 1 or in_channels < 16)))
-
-
 def _module_path(n: Node) -> str:
     stack = n.meta.get("nn_module_stack") or {}
     return list(stack.values())[-1][0] if stack else n.name
@@ -199,7 +179,7 @@ def make_quantizer(spec):
 
         def annotate(self, gm: GraphModule) -> GraphModule:
             # The float lead: with ``float_convs: auto`` the convs from the input on that
-            # onnxruntime runs slower as integer kernels (``integer_conv_slow``) stay float, and
+            # onnxruntime runs slower as integer kernels (``onnx_io.integer_conv_slow``) stay float, and
             # so does everything computed only from them; the graph turns integer at the first
             # op that takes an integer-worthy input. Only a lead, never a float island inside the
             # integer graph: there onnxruntime would quantize a float conv's weights itself.
@@ -246,6 +226,8 @@ def make_quantizer(spec):
             pass
 
     def _float_conv(n):
+        from ..onnx_io import integer_conv_slow
+
         w = n.args[1].meta.get("val")
         groups = _arg(n, 6, "groups", 1)
         return w is not None and integer_conv_slow(w.shape[0], w.shape[1] * groups, groups, w.shape[2:])

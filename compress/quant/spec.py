@@ -23,7 +23,7 @@ class QuantSpec:
         the VGGs), ``pt2e`` (torchao's graph-mode flow; any model ``torch.export`` can
         capture) or ``auto`` (eager where it applies, pt2e otherwise).
     float_convs: pt2e backend. ``auto``: the convs from the input on that onnxruntime runs
-        slower as INT8 than as FP32 (``pt2e.integer_conv_slow``: fewer than 16 output
+        slower as INT8 than as FP32 (``onnx_io.integer_conv_slow``: fewer than 16 output
         channels, unless a k x k kernel on 16 or more inputs; input channels not a multiple
         of 4, such as a stem on 1-3 channels; a k x k kernel on fewer than 8) stay float, trained and exported so; ``none``: every
         conv is quantized. (The eager backend decides this at export, ``float_stem``.)
