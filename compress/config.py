@@ -7,6 +7,7 @@ the field, e.g. ``stages[1].ratio: must be < 1, got 1.5``.
 import copy
 import difflib
 import hashlib
+import importlib
 import inspect
 import json
 import re
@@ -436,7 +437,8 @@ def _user_files(obj):
 
 
 def code_files(recipe, stage):
-    """The source files whose code computes `stage`: its stage kind's file, the files of its
+    """The source files whose code computes `stage`: its stage kind's file (and the modules the
+    kind names as its ``code``: the quantization backends for qat and export), the files of its
     loss terms and of the models it builds (wherever they are defined: in the package or in
     a --plugin file, with the user files a plugin imports)."""
     from .losses import LOSSES, TermSpec
@@ -444,7 +446,7 @@ def code_files(recipe, stage):
     from .stages import STAGES
 
     kind = STAGES[stage.kind]
-    objs = [kind.run, kind.spec]
+    objs = [kind.run, kind.spec, *map(importlib.import_module, kind.code)]
     terms = [v for v in stage.__dict__.values() if isinstance(v, TermSpec)]
     terms += [t for v in stage.__dict__.values() if isinstance(v, list) for t in v if isinstance(t, TermSpec)]
     for t in terms:

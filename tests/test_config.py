@@ -133,6 +133,31 @@ def test_stage_key_depends_on_config(tiny_recipe_dict):
     assert a.stage_key(1, {"teacher": "k"}) != a.stage_key(1, {"teacher": "other"})
 
 
+def test_the_quantization_code_is_part_of_the_qat_and_export_keys_only(tiny_recipe_dict, monkeypatch):
+    """The quantizer (e.g. which convs stay float) and the ONNX export compute the qat and
+    export stages' results: an edit there recomputes those two stages, not the float ones."""
+    import compress.config as config
+
+    recipe = parse_recipe(tiny_recipe_dict)
+    files = {s.kind: {Path(f).as_posix().split("compress/")[-1] for f in config.code_files(recipe, s)}
+             for s in recipe.stages}
+    backend = {"quant/__init__.py", "quant/eager.py", "quant/pt2e.py", "quant/spec.py", "onnx_io.py"}
+    assert backend <= files["qat"] and backend <= files["export"]
+    assert not backend & (files["train"] | files["prune"] | files["distill"])
+    keys = [recipe.stage_key(i, {}) for i in range(len(recipe.stages))]
+    real = config.code_fingerprint
+
+    def edited(r, stage):   # as if compress/quant/pt2e.py had been edited
+        fp = real(r, stage)
+        if "compress/quant/pt2e.py" in fp["files"]:
+            fp["files"]["compress/quant/pt2e.py"] = "edited"
+        return fp
+
+    monkeypatch.setattr(config, "code_fingerprint", edited)
+    changed = [s.kind for s, k in zip(recipe.stages, keys) if recipe.stage_key(recipe.stages.index(s), {}) != k]
+    assert changed == ["qat", "export"]
+
+
 # ---- errors: one line that names the field -------------------------------------------------
 
 def _set(path, value):

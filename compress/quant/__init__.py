@@ -25,6 +25,11 @@ from .eager import ActQuant, Int8Conv2d, Int8Linear, QConv2d, QLinear  # noqa: F
 from .spec import BACKENDS, QuantSpec  # noqa: F401
 from ..errors import CompressError
 
+# The modules whose code turns a float model into the integer one and its ONNX file (the
+# backends, the scheme, and onnx_io's export and its rule for which convs stay float): part
+# of the cache key of the stages that quantize or export (``StageKind.code``).
+CODE = (__name__, eager.__name__, pt2e.__name__, f"{__name__}.spec", f"{__package__.rsplit('.', 1)[0]}.onnx_io")
+
 
 def eager_supports(model: nn.Module) -> bool:
     """True when the eager backend can quantize `model` (a plain nn.Sequential stack)."""

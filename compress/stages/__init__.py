@@ -42,11 +42,12 @@ class StageKind:
     makes_model: bool = True
     quantizes: bool = False   # its model is quantized (stages needing a float model refuse it)
     trains_cohort: bool = False   # its student is a cohort of peers (loss terms with uses_cohort)
+    code: tuple = ()      # modules whose files also compute its result (part of its cache key)
 
 
-def register(name, spec, plan, makes_model=True, quantizes=False, trains_cohort=False):
+def register(name, spec, plan, makes_model=True, quantizes=False, trains_cohort=False, code=()):
     def deco(run):
-        STAGES.register(name)(StageKind(spec, run, plan, makes_model, quantizes, trains_cohort))
+        STAGES.register(name)(StageKind(spec, run, plan, makes_model, quantizes, trains_cohort, tuple(code)))
         return run
     return deco
 

@@ -20,6 +20,7 @@ from ..data import iterate
 from ..errors import CompressError
 from ..onnx_io import (check_fp32_parity, check_int8_agreement, check_int8_kernels, export_onnx,
                        ort_latency_side_by_side, ort_logits, slow_integer_convs)
+from .. import quant
 from ..quant import QuantSpec, calibrate, is_quantized, quantize_model, to_int8_module
 from . import StageResult, register
 
@@ -82,7 +83,7 @@ def _plan(cfg, inputs, build):
     return None
 
 
-@register("export", ExportStage, _plan, makes_model=False)
+@register("export", ExportStage, _plan, makes_model=False, code=quant.CODE)
 def run(cfg, ctx):
     """Write, check and measure one ONNX file per `models` entry.
 

@@ -19,6 +19,7 @@ from ..engine import fit
 from ..losses import term_spec_type
 from ..losses.ce import CESpec
 from ..errors import CompressError
+from .. import quant
 from ..quant import QuantSpec, backend_of, calibrate, quantize_model, set_qat_phase
 from . import StageResult, describe, prepare, register
 from .distill import build_objective
@@ -86,7 +87,7 @@ def _plan(cfg, inputs, build):
     return quantize_for(cfg, copy.deepcopy(inputs[cfg.from_]), build.input_shape)
 
 
-@register("qat", QATStage, _plan, quantizes=True)
+@register("qat", QATStage, _plan, quantizes=True, code=quant.CODE)
 def run(cfg, ctx):
     """Fine-tune stage `from`'s model with fake quantization.
 
