@@ -1,9 +1,11 @@
 """Which convolutions onnxruntime runs faster as INT8 than as FP32 on this CPU.
 
-    python benchmarks/int8_convs.py [--threads N] [--batch B] [--runs R] [--size S]
+    python benchmarks/int8_convs.py [--threads N] [--batch B] [--runs R] [--size S] [--kernel K ...]
+                                    [--depthwise]
     python benchmarks/cpu_as.py avx2 -- python benchmarks/int8_convs.py
 
-For each convolution shape of a grid (input and output channels, 3x3, S x S maps) it builds
+For each convolution shape of a grid (input and output channels, k x k, S x S maps; with
+--depthwise, depthwise convs of 8 to 240 channels) it builds
 two one-conv ONNX graphs: FP32 (Conv + Relu) and the QDQ form `compress` exports (uint8
 activations, 7-bit symmetric per-channel int8 weights, which onnxruntime fuses into one
 QLinearConv). Both run in turns (one call of each per round) and onnxruntime's profiler
@@ -32,10 +34,11 @@ from throughput import machine_lines  # noqa: E402
 from compress.onnx_io import integer_conv_slow  # noqa: E402
 
 SHAPES = [(cin, cout) for cout in (8, 16, 32) for cin in (1, 3, 4, 8, 16, 32)]   # (in, out) channels
+DEPTHWISE = (8, 16, 24, 32, 48, 64, 96, 144, 240)     # channels of the depthwise grid (groups = channels)
 
 
-def conv_graph(cin, cout, k, size, int8, rng):
-    w = rng.standard_normal((cout, cin, k, k)).astype(np.float32) * 0.1
+def conv_graph(cin, cout, k, size, int8, rng, groups=1):
+    w = rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32) * 0.1
     b = np.zeros(cout, np.float32)
     inits = [numpy_helper.from_array(b, "b")]
     if int8:
@@ -47,13 +50,13 @@ def conv_graph(cin, cout, k, size, int8, rng):
                   numpy_helper.from_array(np.array(0, np.uint8), "z")]
         nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"]),
                  helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0),
-                 helper.make_node("Conv", ["xf", "w", "b"], ["c"], pads=[k // 2] * 4, name="conv"),
+                 helper.make_node("Conv", ["xf", "w", "b"], ["c"], pads=[k // 2] * 4, group=groups, name="conv"),
                  helper.make_node("Relu", ["c"], ["r"]),
                  helper.make_node("QuantizeLinear", ["r", "s", "z"], ["y"])]
         io = TensorProto.UINT8
     else:
         inits.append(numpy_helper.from_array(w, "w"))
-        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4, name="conv"),
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4, group=groups, name="conv"),
                  helper.make_node("Relu", ["c"], ["y"])]
         io = TensorProto.FLOAT
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", io, ["N", cin, size, size])],
@@ -75,15 +78,19 @@ def main():
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--size", type=int, default=28, help="height and width of the input maps")
     ap.add_argument("--kernel", type=int, nargs="+", default=[3, 1], help="kernel sizes (k x k)")
+    ap.add_argument("--depthwise", action="store_true",
+                    help="depthwise convs (groups = channels) of the channel counts of a MobileNetV2 instead")
     args = ap.parse_args()
     for line in machine_lines(args.threads):
         print(line)
     print(f"one k x k conv + ReLU, {args.batch} images of {args.size}x{args.size}, {args.threads} onnxruntime "
           f"threads, medians of {args.runs} runs in turns (kernel time from onnxruntime's profiler)")
-    print(f"{'k':>2} {'in':>4} {'out':>4} {'FP32 ms':>9} {'INT8 ms':>9} {'INT8/FP32':>10}  float_convs: auto")
+    print(f"{'k':>2} {'in':>4} {'out':>4} {'groups':>6} {'FP32 ms':>9} {'INT8 ms':>9} {'INT8/FP32':>10}  "
+          f"float_convs: auto")
     rng = np.random.default_rng(0)
+    grid = [(c, c, c) for c in DEPTHWISE] if args.depthwise else [(cin, cout, 1) for cin, cout in SHAPES]
     with tempfile.TemporaryDirectory() as tmp:
-        for (cin, cout), k in ((shape, k) for k in args.kernel for shape in SHAPES):
+        for (cin, cout, groups), k in ((shape, k) for k in args.kernel for shape in grid):
             sessions, feeds = [], []
             for int8 in (False, True):
                 so = ort.SessionOptions()
@@ -91,7 +98,7 @@ def main():
                 so.enable_profiling = True
                 so.profile_file_prefix = os.path.join(tmp, f"p{k}_{cin}_{cout}_{int(int8)}")
                 so.log_severity_level = 3
-                sess = ort.InferenceSession(conv_graph(cin, cout, k, args.size, int8, rng).SerializeToString(), so,
+                sess = ort.InferenceSession(conv_graph(cin, cout, k, args.size, int8, rng, groups).SerializeToString(), so,
                                             providers=["CPUExecutionProvider"])
                 x = rng.random((args.batch, cin, args.size, args.size), dtype=np.float32)
                 feeds.append({"x": (x * 255).astype(np.uint8) if int8 else x})
@@ -103,8 +110,8 @@ def main():
                 for s, f in zip(sessions, feeds):
                     s.run(None, f)
             fp32, int8 = (float(np.median(conv_kernel_ms(s.end_profiling())[5:])) for s in sessions)
-            kept = "float" if integer_conv_slow(cout, cin, 1, (k, k)) else "int8"
-            print(f"{k:2d} {cin:4d} {cout:4d} {fp32:9.3f} {int8:9.3f} {int8 / fp32:9.2f}x  {kept}", flush=True)
+            kept = "float" if integer_conv_slow(cout, cin, groups, (k, k)) else "int8"
+            print(f"{k:2d} {cin:4d} {cout:4d} {groups:6d} {fp32:9.3f} {int8:9.3f} {int8 / fp32:9.2f}x  {kept}", flush=True)
 
 
 if __name__ == "__main__":

@@ -236,7 +236,10 @@ def test_int8_file_agrees_with_fake_quant(case):
     (8, 32, 1, (3, 3), False),
     (16, 4, 1, (1, 1), False),
     (8, 32, 1, (1, 1), True),
-    (24, 24, 24, (3, 3), False),  # depthwise: left integer
+    (24, 24, 24, (3, 3), True),   # depthwise below 96 channels: 4.3-6x slower as INT8
+    (64, 64, 64, (3, 3), True),
+    (144, 144, 144, (3, 3), False),   # wide depthwise: no consistent verdict, left integer
+    (32, 64, 2, (3, 3), False),   # grouped (not depthwise): not measured, left integer
 ])
 def test_integer_conv_slow_follows_the_measured_table(out_ch, in_ch, groups, kernel, slow):
     assert integer_conv_slow(out_ch, in_ch, groups, kernel) is slow
@@ -299,6 +302,46 @@ def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
     again = quantize_model(model, QuantSpec(float_convs="auto"), shape)
     again.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True)["state_dict"])
     assert again.float_layers == q.float_layers
+
+
+class NarrowInverted(nn.Module):
+    """A MobileNetV2-like narrow start: stem, 8-channel depthwise, projection to 4, expansion
+    to 24 (integer-worthy alone), 24-channel depthwise, projection to 8; then wide 3x3 convs."""
+
+    def __init__(self, in_channels=1, num_classes=10):
+        super().__init__()
+
+        def cbr(i, o, k, groups=1):
+            return [nn.Conv2d(i, o, k, 1, k // 2, groups=groups, bias=False), nn.BatchNorm2d(o), nn.ReLU6()]
+
+        self.lead = nn.Sequential(*cbr(in_channels, 8, 3), *cbr(8, 8, 3, 8), *cbr(8, 4, 1),
+                                  *cbr(4, 24, 1), *cbr(24, 24, 3, 24), *cbr(24, 8, 1))
+        self.body = nn.Sequential(*cbr(8, 32, 3), *cbr(32, 32, 3))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(self.lead(x)).mean((2, 3)))
+
+
+def test_float_lead_passes_an_integer_worthy_conv_to_reach_slow_ones_behind_it(tmp_path):
+    torch.manual_seed(0)
+    model = perturb_bn(NarrowInverted())
+    shape = (1, 12, 12)
+    q = quantize_model(model, QuantSpec(), shape)
+    # the 4 -> 24 expansion alone would pay as INT8, but keeping it float also keeps the two
+    # slow convs behind it float (one conv on the wrong side instead of two)
+    assert q.float_layers == [f"lead.{i}" for i in (0, 3, 6, 9, 12, 15)]
+    calibrate(q, [images(shape, 32, 1)])
+    path = tmp_path / "lead-int8.onnx"
+    export_onnx(to_int8_module(q.eval()), path, input_shape=shape, mean=[0.5], std=[0.25], metadata={})
+    ops = check_int8_kernels(path, float_convs=6)
+    assert ops["QLinearConv"] == 2 and slow_integer_convs(path) == 0
+    assert check_int8_agreement(path, q, images(shape, 256, 8)) >= 0.99
+    q0 = quantize_model(model, QuantSpec(float_convs="none"), shape)
+    calibrate(q0, [images(shape, 32, 1)])
+    export_onnx(to_int8_module(q0.eval()), tmp_path / "all.onnx", input_shape=shape, mean=[0.5], std=[0.25],
+                metadata={})
+    assert slow_integer_convs(tmp_path / "all.onnx") == 5   # all but the expansion
 
 
 def test_check_int8_kernels_refuses_a_float_graph(tmp_path):

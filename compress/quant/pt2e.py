@@ -183,15 +183,14 @@ def make_quantizer(spec):
             # so does everything computed only from them; the graph turns integer at the first
             # op that takes an integer-worthy input. Only a lead, never a float island inside the
             # integer graph: there onnxruntime would quantize a float conv's weights itself.
+            lead = _best_lead(gm) if spec.float_convs == "auto" else set()
             floating: set[Node] = set()
             for n in gm.graph.nodes:
                 if n.op == "placeholder" and spec.float_convs == "auto":
                     floating.add(n)
                 if n.op != "call_function" or _annotated(n):
                     continue
-                ins = [a for a in n.all_input_nodes if a.op != "get_attr"]
-                if ins and all(a in floating for a in ins) and (
-                        n.target not in _CONVS or _float_conv(n)) and n.target not in _LINEARS:
+                if _floats(n, floating, lead):
                     floating.add(n)
                     if n.target in _CONVS:
                         self.float_layers.append(_module_path(n))
@@ -225,12 +224,39 @@ def make_quantizer(spec):
         def validate(self, gm: GraphModule) -> None:
             pass
 
-    def _float_conv(n):
+    def _slow_conv(n):
         from ..onnx_io import integer_conv_slow
 
         w = n.args[1].meta.get("val")
         groups = _arg(n, 6, "groups", 1)
         return w is not None and integer_conv_slow(w.shape[0], w.shape[1] * groups, groups, w.shape[2:])
+
+    def _floats(n, floating, lead):
+        """`n` stays float: it is computed only from float values, and is no conv outside
+        `lead` and no linear layer (the classifier is always integer)."""
+        ins = [a for a in n.all_input_nodes if a.op != "get_attr"]
+        return bool(ins) and all(a in floating for a in ins) and n.target not in _LINEARS and (
+            n.target not in _CONVS or n in lead)
+
+    def _best_lead(gm):
+        """The convs allowed to stay float: the first k in graph order, for the k that
+        leaves the fewest convs on the wrong side -- integer-worthy convs kept float plus
+        convs slow as INT8 (``onnx_io.integer_conv_slow``) left integer; the smallest such k.
+        A lead can pass an integer-worthy conv to reach slow ones behind it (a MobileNetV2's
+        4 -> 24 expansion between 8-channel depthwise convs and projections) where a float
+        conv inside the integer graph could not be: onnxruntime would quantize its weights."""
+        convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS]
+        slow = {n: _slow_conv(n) for n in convs}
+        best, best_cost = set(), sum(slow.values())
+        for k in range(1, len(convs) + 1):
+            allowed, floating = set(convs[:k]), set()
+            for n in gm.graph.nodes:
+                if n.op == "placeholder" or (n.op == "call_function" and _floats(n, floating, allowed)):
+                    floating.add(n)
+            cost = sum(slow[c] != (c in floating) for c in convs)
+            if cost < best_cost:
+                best, best_cost = allowed & floating, cost
+        return best
 
     def _annotated(n):
         a = n.meta.get("quantization_annotation")
