@@ -297,9 +297,10 @@ def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
                 metadata={})
     assert slow_integer_convs(tmp_path / "all.onnx") == 3   # the stem (1 -> 8) and layer1's 8 -> 8
     # rebuilt from its spec, the checkpoint has the same graph and loads strictly
-    spec = {"arch": "t", "quant": {"weight_bits": 7, "act_bits": 8, "backend": "pt2e", "float_convs": "auto"}}
+    spec = {"arch": "t", "quant": {"weight_bits": 7, "act_bits": 8, "backend": "pt2e", "float_convs": "auto",
+                                   "float_layers": q.float_layers}}
     save_checkpoint(tmp_path / "q.pt", spec, q)
-    again = quantize_model(model, QuantSpec(float_convs="auto"), shape)
+    again = quantize_model(model, QuantSpec(float_convs="auto", float_layers=q.float_layers), shape)
     again.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True)["state_dict"])
     assert again.float_layers == q.float_layers
 
@@ -342,6 +343,12 @@ def test_float_lead_passes_an_integer_worthy_conv_to_reach_slow_ones_behind_it(t
     export_onnx(to_int8_module(q0.eval()), tmp_path / "all.onnx", input_shape=shape, mean=[0.5], std=[0.25],
                 metadata={})
     assert slow_integer_convs(tmp_path / "all.onnx") == 5   # all but the expansion
+    # a checkpoint rebuilds the lead it was trained with, whatever the rule says now
+    stored = QuantSpec(float_layers=["lead.0"])
+    again = quantize_model(model, stored, shape)
+    assert again.float_layers == ["lead.0"] and again.spec.float_layers == ("lead.0",)
+    with pytest.raises(CompressError, match=r"^float_layers: body\.0 cannot stay float"):
+        quantize_model(model, QuantSpec(float_layers=["lead.0", "body.0"]), shape)
 
 
 def test_check_int8_kernels_refuses_a_float_graph(tmp_path):

@@ -183,10 +183,14 @@ def make_quantizer(spec):
             # so does everything computed only from them; the graph turns integer at the first
             # op that takes an integer-worthy input. Only a lead, never a float island inside the
             # integer graph: there onnxruntime would quantize a float conv's weights itself.
-            lead = _best_lead(gm) if spec.float_convs == "auto" else set()
+            if spec.float_layers is not None:   # a checkpoint's lead, as it was trained
+                lead = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS
+                        and _module_path(n) in spec.float_layers}
+            else:
+                lead = _best_lead(gm) if spec.float_convs == "auto" else set()
             floating: set[Node] = set()
             for n in gm.graph.nodes:
-                if n.op == "placeholder" and spec.float_convs == "auto":
+                if n.op == "placeholder" and lead:
                     floating.add(n)
                 if n.op != "call_function" or _annotated(n):
                     continue
@@ -392,6 +396,10 @@ def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
     except Exception as e:
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): PT2E "
                             f"preparation failed ({_one_line(e)})") from None
+    if spec.float_layers is not None and set(spec.float_layers) != set(quantizer.float_layers):
+        missing = sorted(set(spec.float_layers) - set(quantizer.float_layers))
+        raise CompressError(f"float_layers: {', '.join(missing)} cannot stay float in this model ({type(model).__name__}): "
+                            f"not a conv computed only from the input through float layers")
     q = PT2EModel(prepared, spec, input_shape)
     q.float_layers = list(quantizer.float_layers)
     q.register_load_state_dict_post_hook(_reapply_after_load)

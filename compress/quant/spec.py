@@ -27,6 +27,9 @@ class QuantSpec:
         channels, unless a k x k kernel on 16 or more inputs; input channels not a multiple
         of 4, such as a stem on 1-3 channels; a k x k kernel on fewer than 8) stay float, trained and exported so; ``none``: every
         conv is quantized. (The eager backend decides this at export, ``float_stem``.)
+    float_layers: pt2e backend, when rebuilding a checkpoint: the module paths of the convs
+        its ``auto`` lead kept float, kept float again whatever the rule now says (None: the
+        rule decides).
 
     >>> QuantSpec(weight_bits=8).weight_bits
     8
@@ -37,6 +40,7 @@ class QuantSpec:
     ema: float = 0.01
     backend: str = "auto"
     float_convs: str = "auto"
+    float_layers: tuple | None = None
 
     def __post_init__(self):
         # Weights are stored as int8 and activations as uint8, so neither may exceed 8.
@@ -50,3 +54,8 @@ class QuantSpec:
             raise CompressError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.float_convs not in FLOAT_CONVS:
             raise CompressError(f"float_convs: must be one of {', '.join(FLOAT_CONVS)}, got {self.float_convs!r}")
+        if self.float_layers is not None:
+            if not (isinstance(self.float_layers, (tuple, list))
+                    and all(isinstance(p, str) for p in self.float_layers)):
+                raise CompressError(f"float_layers: must be a list of module paths, got {self.float_layers!r}")
+            object.__setattr__(self, "float_layers", tuple(self.float_layers))

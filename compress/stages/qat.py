@@ -110,6 +110,7 @@ def run(cfg, ctx):
     if quant["backend"] == "pt2e":  # the graph is captured with an example of this shape
         quant["input_shape"] = list(ctx.data.input_shape)
         quant["float_convs"] = cfg.float_convs
+        quant["float_layers"] = list(qmodel.float_layers)   # rebuilt as trained, whatever the rule
     spec = {**copy.deepcopy(src.spec), "quant": quant}
     return StageResult(spec=spec, model=qmodel,
                        metrics=describe(qmodel, ctx, cost_model=float_model, history=history),
