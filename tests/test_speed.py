@@ -634,5 +634,11 @@ def test_int8_convs_benchmark_prints_each_shape_with_the_rules_verdict():
     assert len(rows) == 18                                       # every (in, out) pair of the grid
     verdict = {(int(r[1]), int(r[2])): r[-1] for r in rows}
     assert verdict[(1, 16)] == "float" and verdict[(8, 16)] == "int8" and verdict[(32, 8)] == "float"
-    assert all(float(r[3]) > 0 and float(r[4]) > 0 for r in rows)   # both kernels were timed
+    assert all(r[3] == "1" and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)   # both kernels timed
     assert out.stdout.startswith("cpu: ")
+    dw = subprocess.run([sys.executable, str(script), "--threads", "1", "--runs", "4", "--batch", "2",
+                         "--size", "8", "--kernel", "3", "--depthwise"], capture_output=True, text=True, timeout=300)
+    assert dw.returncode == 0, dw.stderr
+    rows = [ln.split() for ln in dw.stdout.splitlines() if re.match(r"^\s*3\s+\d+\s+\d+\s", ln)]
+    assert [(int(r[1]), int(r[2]), int(r[3])) for r in rows] == [(c, c, c) for c in (8, 16, 24, 32, 48, 64, 96, 144, 240)]
+    assert {int(r[1]): r[-1] for r in rows}[24] == "float" and {int(r[1]): r[-1] for r in rows}[144] == "int8"

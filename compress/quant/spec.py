@@ -22,11 +22,14 @@ class QuantSpec:
     backend: ``eager`` (own fake-quant modules; plain ``nn.Sequential`` stacks such as
         the VGGs), ``pt2e`` (torchao's graph-mode flow; any model ``torch.export`` can
         capture) or ``auto`` (eager where it applies, pt2e otherwise).
-    float_convs: pt2e backend. ``auto``: the convs from the input on that onnxruntime runs
-        slower as INT8 than as FP32 (``onnx_io.integer_conv_slow``: fewer than 16 output
-        channels, unless a k x k kernel on 16 or more inputs; input channels not a multiple
-        of 4, such as a stem on 1-3 channels; a k x k kernel on fewer than 8) stay float, trained and exported so; ``none``: every
-        conv is quantized. (The eager backend decides this at export, ``float_stem``.)
+    float_convs: pt2e backend. ``auto``: a float lead -- the first k convs in graph order
+        (and what is computed only from them), for the k leaving the fewest convs on the
+        wrong side of ``onnx_io.integer_conv_slow`` (which calls slow as INT8: fewer than 16
+        output channels, unless a k x k kernel on 16 or more inputs; input channels not a
+        multiple of 4, such as a stem on 1-3 channels; a k x k kernel on fewer than 8;
+        depthwise on fewer than 96 channels) -- stays float, trained and exported so;
+        ``none``: every conv is quantized. (The eager backend decides this at export,
+        ``float_stem``.)
     float_layers: pt2e backend, when rebuilding a checkpoint: the module paths of the convs
         its ``auto`` lead kept float, kept float again whatever the rule now says (None: the
         rule decides).
