@@ -1,7 +1,7 @@
 """Which convolutions onnxruntime runs faster as INT8 than as FP32 on this CPU.
 
     python benchmarks/int8_convs.py [--threads N] [--batch B] [--runs R] [--size S] [--kernel K ...]
-                                    [--depthwise]
+                                    [--depthwise | --shapes IN:OUT ...]
     python benchmarks/cpu_as.py avx2 -- python benchmarks/int8_convs.py
 
 For each convolution shape of a grid (input and output channels, k x k, S x S maps; with
@@ -80,7 +80,14 @@ def main():
     ap.add_argument("--kernel", type=int, nargs="+", default=[3, 1], help="kernel sizes (k x k)")
     ap.add_argument("--depthwise", action="store_true",
                     help="depthwise convs (groups = channels) of the channel counts of a MobileNetV2 instead")
+    ap.add_argument("--shapes", nargs="+", metavar="IN:OUT", help="these (input, output) channel pairs "
+                    "instead of the grid, e.g. 3:64 for an RGB stem")
     args = ap.parse_args()
+    try:
+        shapes = [tuple(int(v) for v in p.split(":")) for p in args.shapes] if args.shapes else SHAPES
+        assert all(len(p) == 2 and min(p) > 0 for p in shapes)
+    except (ValueError, AssertionError):
+        ap.error(f"--shapes: expected IN:OUT pairs of positive channel counts, e.g. 3:64, got {args.shapes}")
     for line in machine_lines(args.threads):
         print(line)
     print(f"one k x k conv + ReLU, {args.batch} images of {args.size}x{args.size}, {args.threads} onnxruntime "
@@ -88,7 +95,7 @@ def main():
     print(f"{'k':>2} {'in':>4} {'out':>4} {'groups':>6} {'FP32 ms':>9} {'INT8 ms':>9} {'INT8/FP32':>10}  "
           f"float_convs: auto")
     rng = np.random.default_rng(0)
-    grid = [(c, c, c) for c in DEPTHWISE] if args.depthwise else [(cin, cout, 1) for cin, cout in SHAPES]
+    grid = [(c, c, c) for c in DEPTHWISE] if args.depthwise else [(cin, cout, 1) for cin, cout in shapes]
     with tempfile.TemporaryDirectory() as tmp:
         for (cin, cout, groups), k in ((shape, k) for k in args.kernel for shape in grid):
             sessions, feeds = [], []

@@ -351,6 +351,15 @@ def test_float_lead_passes_an_integer_worthy_conv_to_reach_slow_ones_behind_it(t
         quantize_model(model, QuantSpec(float_layers=["lead.0", "body.0"]), shape)
 
 
+@pytest.mark.parametrize("pool, lead", [(nn.MaxPool2d(3, 2, 1), []), (nn.MaxPool2d(2, 2), ["0"])])
+def test_float_lead_never_ends_at_a_padded_max_pool(pool, lead):
+    """onnxruntime would move the lead's quantization above a ResNet's 3x3/2 padded pool and run
+    it as a slow uint8 NCHW MaxPool: that stem stays integer; a VGG's 2x2/2 pool is fine."""
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), pool, nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    assert quantize_model(model, QuantSpec(backend="pt2e"), (3, 16, 16)).float_layers == lead
+
+
 def test_check_int8_kernels_refuses_a_float_graph(tmp_path):
     path = tmp_path / "fp32.onnx"
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
