@@ -178,10 +178,11 @@ def make_quantizer(spec):
             self.float_layers: list[str] = []   # module paths of the convs left float
 
         def annotate(self, gm: GraphModule) -> GraphModule:
-            # The float lead: with ``float_convs: auto`` the convs from the input on that
-            # onnxruntime runs slower as integer kernels (``onnx_io.integer_conv_slow``) stay float, and
-            # so does everything computed only from them; the graph turns integer at the first
-            # op that takes an integer-worthy input. Only a lead, never a float island inside the
+            # The float lead: with ``float_convs: auto`` the convs `_best_lead` picks from the
+            # input on (those onnxruntime runs slower as integer kernels, by
+            # ``onnx_io.integer_conv_slow``, and any integer-worthy ones between them) stay float,
+            # and so does everything computed only from them; the graph turns integer at the
+            # first op that takes an integer input. Only a lead, never a float island inside the
             # integer graph: there onnxruntime would quantize a float conv's weights itself.
             if spec.float_layers is not None:   # a checkpoint's lead, as it was trained
                 lead = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS
