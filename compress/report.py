@@ -253,9 +253,8 @@ def _why_not_faster(report, export, batch, ms):
         ops = export.get("check", {}).get("ort_int8_ops", {})
         of = f" of its {ops['QLinearConv']}" if ops.get("QLinearConv") else ""
         return (f"because {slow}{of} integer convolutions have shapes onnxruntime runs slower as INT8 than "
-                "as FP32 (fewer than 16 output channels on a 1x1 kernel or on fewer than 16 inputs, input "
-                "channels not a multiple of 4, or a k x k kernel on fewer than 8; benchmarks/int8_convs.py): a qat stage's `float_convs: auto` "
-                "keeps such convolutions float when they lead from the input")
+                "as FP32 (compress.onnx_io.integer_conv_slow, measured by benchmarks/int8_convs.py): a qat "
+                "stage's `float_convs: auto` keeps such convolutions float where they lead from the input")
     if vnni == []:
         return ("because this CPU has no VNNI: onnxruntime's integer convolutions then multiply in "
                 "16-bit steps and gain little over FP32, while quantizing, dequantizing and layout "

@@ -239,6 +239,7 @@ def make_quantizer(spec):
     def _padded_pool(n):
         if n.op != "call_function" or n.target != _ATEN.max_pool2d.default:
             return False
+
         def ints(v):
             return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
 
@@ -414,8 +415,8 @@ def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
     except Exception as e:
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): PT2E "
                             f"preparation failed ({_one_line(e)})") from None
-    if spec.float_layers is not None and set(spec.float_layers) != set(quantizer.float_layers):
-        missing = sorted(set(spec.float_layers) - set(quantizer.float_layers))
+    # a recorded lead floats only convs it names; any it names that could not float:
+    if missing := sorted(set(spec.float_layers or ()) - set(quantizer.float_layers)):
         raise CompressError(f"float_layers: {', '.join(missing)} cannot stay float in this model ({type(model).__name__}): "
                             f"not a conv computed only from the input through float layers")
     q = PT2EModel(prepared, spec, input_shape)

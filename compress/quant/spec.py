@@ -24,10 +24,7 @@ class QuantSpec:
         capture) or ``auto`` (eager where it applies, pt2e otherwise).
     float_convs: pt2e backend. ``auto``: a float lead -- the first k convs in graph order
         (and what is computed only from them), for the k leaving the fewest convs on the
-        wrong side of ``onnx_io.integer_conv_slow`` (which calls slow as INT8: fewer than 16
-        output channels, unless a k x k kernel on 16 or more inputs; input channels not a
-        multiple of 4, such as a stem on 1-3 channels; a k x k kernel on fewer than 8;
-        depthwise on fewer than 96 channels) -- stays float, trained and exported so;
+        wrong side of ``onnx_io.integer_conv_slow`` -- stays float, trained and exported so;
         ``none``: every conv is quantized. (The eager backend decides this at export,
         ``float_stem``.)
     float_layers: pt2e backend, when rebuilding a checkpoint: the module paths of the convs

@@ -39,9 +39,8 @@ class QATStage(StageSpec, TrainingSpec):
     backend: Literal["auto", "eager", "pt2e"] = Field(
         "auto", description="eager: own modules, plain Sequential stacks; pt2e: torchao, any capturable graph")
     float_convs: Literal["auto", "none"] = Field(
-        "auto", description="pt2e backend: auto keeps the leading convs that onnxruntime runs slower in INT8 "
-        "(< 16 outputs unless k x k on >= 16 inputs, inputs not a multiple of 4, or k x k on < 8 inputs) float; "
-        "none quantizes every conv")
+        "auto", description="pt2e backend: auto keeps a lead of the graph float over the convs onnxruntime "
+        "runs slower in INT8 (onnx_io.integer_conv_slow); none quantizes every conv")
 
     @model_validator(mode="after")
     def _check(self):
