@@ -346,8 +346,9 @@ def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) 
     onnxruntime's fast integer convolution (MLAS's symmetric "ConvSym" kernel, taken for our
     symmetric int8 weights) needs at least 16 output channels and input channels in multiples
     of 4; other convs run as im2col + a generic integer GEMM, which pays only for a k x k conv
-    on 16 or more inputs. A k x k conv on 4 input channels is too short a dot product to pay
-    even with the fast kernel. `python benchmarks/int8_convs.py` (64 images of 28x28, one conv,
+    on 16 or more inputs (3x3 on 18, 19, 22, 26, 38, 54 inputs: 0.10-0.55x natively, 0.28-0.97x
+    as AVX2; 1x1 on such inputs mostly slower, 0.45-2.85x). A k x k conv on 4 input channels is
+    too short a dot product to pay even with the fast kernel. `python benchmarks/int8_convs.py` (64 images of 28x28, one conv,
     kernel time; README "Which convolutions stay float"), INT8 / FP32: 3x3 1->16 7.6x, 4->16
     1.28x, 8->8 1.25x, 1x1 16->8 1.50x; 3x3 16->8 0.82x, 8->16 0.73x, 16->16 0.52x, 1x1 4->16
     0.71x; the same verdicts run as an AVX2 CPU. Depthwise 3x3 (``--depthwise``, 28, 14 and 7
@@ -360,8 +361,9 @@ def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) 
     k = 1
     for d in kernel:
         k *= int(d)
-    return (in_channels % 4 != 0 or (k > 1 and in_channels < 8)
-            or (out_channels < 16 and (k == 1 or in_channels < 16)))
+    generic_pays = k > 1 and in_channels >= 16        # im2col + integer GEMM still wins
+    return ((in_channels % 4 != 0 and not generic_pays) or (k > 1 and in_channels < 8)
+            or (out_channels < 16 and not generic_pays))
 
 
 def slow_integer_convs(path) -> int:

@@ -15,6 +15,7 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.config import parse_recipe
 from compress.errors import CompressError
 from compress.models import MODELS, VGG, layer_shapes
+from compress.models.resnet import CifarResNet
 from compress.onnx_io import (check_int8_agreement, check_int8_kernels, export_onnx, integer_conv_slow,
                               slow_integer_convs)
 from compress.pipeline import run_recipe, validate_recipe
@@ -236,6 +237,10 @@ def test_int8_file_agrees_with_fake_quant(case):
     (8, 32, 1, (3, 3), False),
     (16, 4, 1, (1, 1), False),
     (8, 32, 1, (1, 1), True),
+    (32, 18, 1, (3, 3), False),   # odd inputs: the generic kernel pays from 16 (0.36x; as AVX2 0.54x)
+    (38, 19, 1, (3, 3), False),
+    (19, 9, 1, (3, 3), True),     # ... but not below (2.1x; as AVX2 1.45x)
+    (32, 18, 1, (1, 1), True),    # 1x1 on odd inputs: 1.2x (as AVX2 2.1x)
     (24, 24, 24, (3, 3), True),   # depthwise below 96 channels: 4.3-6x slower as INT8
     (64, 64, 64, (3, 3), True),
     (144, 144, 144, (3, 3), False),   # wide depthwise: no consistent verdict, left integer
@@ -303,6 +308,24 @@ def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
     again = quantize_model(model, QuantSpec(float_convs="auto", float_layers=q.float_layers), shape)
     again.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True)["state_dict"])
     assert again.float_layers == q.float_layers
+
+
+def test_float_lead_stops_at_the_stem_of_a_resnet_pruned_to_odd_widths(tmp_path):
+    # widths as pruning leaves them without round_to: 3x3 convs on 18 and 38 inputs pay as
+    # INT8 (generic kernel), so only the RGB stem stays float; a ResNet-20 at [18, 18, 38, 76]
+    # measured 0.42x its FP32 twin natively and 0.67x as AVX2 (batch 64) with this lead,
+    # 0.90x / 0.95x with the 15-conv lead of a rule that called every odd-input conv slow
+    torch.manual_seed(0)
+    model = perturb_bn(CifarResNet(8, [18, 18, 38, 76]))
+    shape = (3, 16, 16)
+    q = quantize_model(model, QuantSpec(), shape)
+    assert q.float_layers == ["conv1"]
+    calibrate(q, [images(shape, 32, 1)])
+    path = tmp_path / "odd-int8.onnx"
+    export_onnx(to_int8_module(q.eval()), path, input_shape=shape, mean=[0.5] * 3, std=[0.25] * 3, metadata={})
+    check_int8_kernels(path, float_convs=1)
+    # left integer and counted slow: the 1x1 shortcuts on 18 and 38 inputs
+    assert slow_integer_convs(path) == 2
 
 
 class NarrowInverted(nn.Module):
