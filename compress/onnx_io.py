@@ -346,16 +346,16 @@ def integer_conv_slow(out_channels: int, in_channels: int, groups: int, kernel) 
     onnxruntime's fast integer convolution (MLAS's symmetric "ConvSym" kernel, taken for our
     symmetric int8 weights) needs at least 16 output channels and input channels in multiples
     of 4; other convs run as im2col + a generic integer GEMM, which pays only for a k x k conv
-    on 16 or more inputs (3x3 on 18, 19, 22, 26, 38, 54 inputs: 0.10-0.55x natively, 0.28-0.97x
-    as AVX2; 1x1 on such inputs mostly slower, 0.45-2.85x). A k x k conv on 4 input channels is
-    too short a dot product to pay even with the fast kernel. `python benchmarks/int8_convs.py` (64 images of 28x28, one conv,
-    kernel time; README "Which convolutions stay float"), INT8 / FP32: 3x3 1->16 7.6x, 4->16
-    1.28x, 8->8 1.25x, 1x1 16->8 1.50x; 3x3 16->8 0.82x, 8->16 0.73x, 16->16 0.52x, 1x1 4->16
-    0.71x; the same verdicts run as an AVX2 CPU. Depthwise 3x3 (``--depthwise``, 28, 14 and 7
-    pixels square, natively and as AVX2): slower as INT8 at every channel count below 96 in
-    nearly every run (8 channels 2.8-9.9x, 24 4.3-6.0x, 48 0.85-2.6x, 64 0.86-6.4x); at 96 to 240
-    channels 0.68-2.5x, no consistent verdict, so left integer. Other grouped convs: not
-    measured, left integer."""
+    on 16 or more inputs (3x3 on 18, 19, 22, 26, 38, 54 inputs: 0.10-0.53x natively, 0.28-0.97x
+    as AVX2; 1x1 on such inputs mostly slower, 0.52-2.85x). A k x k conv on 4 input channels is
+    too short a dot product to pay even with the fast kernel. `python benchmarks/int8_convs.py`
+    (64 images of 28x28, one conv, kernel time; README "Which convolutions stay float"), INT8 /
+    FP32: 3x3 1->16 7.6x, 4->16 1.28x, 8->8 1.25x, 1x1 16->8 1.50x; 3x3 16->8 0.82x, 8->16 0.73x,
+    16->16 0.52x, 1x1 4->16 0.71x; the same verdicts run as an AVX2 CPU. Depthwise 3x3
+    (``--depthwise``, 28, 14 and 7 pixels square, natively and as AVX2): slower as INT8 at every
+    channel count below 96 in nearly every run (8 channels 2.8-9.9x, 24 4.3-6.0x, 48 0.85-2.6x,
+    64 0.86-6.4x); at 96 to 240 channels 0.68-2.5x, no consistent verdict, so left integer.
+    Other grouped convs: not measured, left integer."""
     if groups != 1:
         return groups == in_channels and in_channels < 96   # depthwise on few channels
     k = 1
