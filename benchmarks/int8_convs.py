@@ -105,8 +105,8 @@ def main():
                 so.enable_profiling = True
                 so.profile_file_prefix = os.path.join(tmp, f"p{k}_{cin}_{cout}_{int(int8)}")
                 so.log_severity_level = 3
-                sess = ort.InferenceSession(conv_graph(cin, cout, k, args.size, int8, rng, groups).SerializeToString(), so,
-                                            providers=["CPUExecutionProvider"])
+                graph = conv_graph(cin, cout, k, args.size, int8, rng, groups)
+                sess = ort.InferenceSession(graph.SerializeToString(), so, providers=["CPUExecutionProvider"])
                 x = rng.random((args.batch, cin, args.size, args.size), dtype=np.float32)
                 feeds.append({"x": (x * 255).astype(np.uint8) if int8 else x})
                 sessions.append(sess)
@@ -118,7 +118,8 @@ def main():
                     s.run(None, f)
             fp32, int8 = (float(np.median(conv_kernel_ms(s.end_profiling())[5:])) for s in sessions)
             kept = "float" if integer_conv_slow(cout, cin, groups, (k, k)) else "int8"
-            print(f"{k:2d} {cin:4d} {cout:4d} {groups:6d} {fp32:9.3f} {int8:9.3f} {int8 / fp32:9.2f}x  {kept}", flush=True)
+            print(f"{k:2d} {cin:4d} {cout:4d} {groups:6d} {fp32:9.3f} {int8:9.3f} {int8 / fp32:9.2f}x  {kept}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -641,4 +641,5 @@ def test_int8_convs_benchmark_prints_each_shape_with_the_rules_verdict():
     assert dw.returncode == 0, dw.stderr
     rows = [ln.split() for ln in dw.stdout.splitlines() if re.match(r"^\s*3\s+\d+\s+\d+\s", ln)]
     assert [(int(r[1]), int(r[2]), int(r[3])) for r in rows] == [(c, c, c) for c in (8, 16, 24, 32, 48, 64, 96, 144, 240)]
-    assert {int(r[1]): r[-1] for r in rows}[24] == "float" and {int(r[1]): r[-1] for r in rows}[144] == "int8"
+    verdict = {int(r[1]): r[-1] for r in rows}
+    assert verdict[24] == "float" and verdict[144] == "int8"
