@@ -127,6 +127,74 @@ def _global_pools(proto: onnx.ModelProto) -> int:
     return done
 
 
+# Float ops onnxruntime runs in its blocked NCHWc layout (x86), given channels in multiples
+# of its block (8 with AVX2, 16 with AVX-512), and whose output a Transpose to NHWC can then
+# be folded into (``ReorderOutput(channels_last=1)``).
+_NCHWC_OPS = ("Conv", "MaxPool", "AveragePool", "Add")
+
+
+def _nhwc_handoff(proto: onnx.ModelProto) -> int:
+    """Where a float part of the graph (a float lead) hands a ReLU'd tensor to the integer
+    part, ``x -> Relu -> QuantizeLinear``, rewrite it as ``x -> Transpose(NHWC) -> Reshape
+    -> Relu -> QuantizeLinear -> Transpose(NCHW)``: the same values, but onnxruntime (x86)
+    then writes the float op's NCHWc output straight to NHWC (``ReorderOutput`` with
+    ``channels_last``), the layout its integer convolutions read, where it otherwise reorders
+    to NCHW, quantizes and transposes the uint8 tensor one image at a time. The Reshape
+    (same shape) keeps its transpose optimizer from cancelling the pair, the Relu keeps its
+    QDQ propagation from moving the quantization in front of the transpose; it then drops
+    the Relu (the quantization clamps at the same zero). Only for x made by a Conv, pool or
+    Add with a static channel count that is a multiple of 16, so that the NCHWc pass takes
+    it on AVX2 and on AVX-512 CPUs alike. Measured on the default recipe's student as AVX2,
+    two threads, batch 64 (the uint8 Transpose 0.12 ms of 1.54): 0.83x -> 0.80x its FP32
+    twin's latency, 0.62x -> 0.55x natively (see the README). Returns how many were
+    rewritten."""
+    g = proto.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
+        return 0
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")}
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    nodes, done = list(g.node), 0
+    for q in [n for n in nodes if n.op_type == "QuantizeLinear"]:
+        relu = producer.get(q.input[0])
+        if relu is None or relu.op_type != "Relu" or readers.get(relu.output[0]) != 1 \
+                or relu.output[0] in outputs or q.output[0] in outputs:
+            continue
+        x = relu.input[0]
+        shape = shapes.get(x)
+        src = producer.get(x)
+        if src is None or src.op_type not in _NCHWC_OPS or shape is None or len(shape) != 4 \
+                or None in shape[1:] or shape[1] % 16:
+            continue
+        # a float op: one that reads a DequantizeLinear is part of an integer kernel
+        if any(getattr(producer.get(i), "op_type", None) == "DequantizeLinear" for i in src.input):
+            continue
+        _, c, h, w = shape
+        tag = f"nhwc_handoff_{done}"
+        g.initializer.append(onnx.numpy_helper.from_array(np.array([-1, h, w, c], np.int64), tag + "_shape"))
+        to_nhwc = onnx.helper.make_node("Transpose", [x], [tag + "_t"], perm=[0, 2, 3, 1], name=tag + "_t")
+        same = onnx.helper.make_node("Reshape", [tag + "_t", tag + "_shape"], [tag + "_x"], name=tag + "_r")
+        relu.input[0] = tag + "_x"
+        back = onnx.helper.make_node("Transpose", [tag + "_q"], [q.output[0]], perm=[0, 3, 1, 2],
+                                     name=tag + "_back")
+        q.output[0] = tag + "_q"
+        nodes.insert(nodes.index(relu), to_nhwc)
+        nodes.insert(nodes.index(relu), same)
+        nodes.insert(nodes.index(q) + 1, back)
+        done += 1
+    if done:
+        del g.node[:]
+        g.node.extend(nodes)
+    return done
+
+
 def _atomic_write(data: bytes, path: Path) -> None:
     """Temp file in the same directory, then rename: readers never see half a file."""
     try:
@@ -170,6 +238,7 @@ def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
     except Exception as e:  # the exporter raises many types; the user needs one line
         raise CompressError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from e
     _global_pools(proto)
+    _nhwc_handoff(proto)
     _strip(proto)
     onnx.helper.set_model_props(proto, {
         **metadata,

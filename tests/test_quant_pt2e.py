@@ -328,6 +328,34 @@ def test_float_lead_stops_at_the_stem_of_a_resnet_pruned_to_odd_widths(tmp_path)
     assert slow_integer_convs(path) == 2
 
 
+def test_a_resnets_float_stem_hands_its_output_to_the_integer_body_in_nhwc(tmp_path, monkeypatch):
+    # the stem's ReLU'd output quantized in NCHW kept the first stage's identity-shortcut
+    # adds in NCHW in onnxruntime, with a uint8 Transpose into and out of every block (8 in a
+    # ResNet-20 at [16, 16, 32, 64]; 0.72x -> 0.68x its FP32 twin at batch 64 as AVX2, 0.61x
+    # -> 0.54x natively)
+    import numpy as np
+
+    import compress.onnx_io as oio
+
+    torch.manual_seed(0)
+    model = perturb_bn(CifarResNet(8, [16, 16, 32, 64]))
+    shape = (3, 16, 16)
+    q = quantize_model(model, QuantSpec(), shape)
+    assert q.float_layers == ["conv1"]
+    calibrate(q, [images(shape, 32, 1)])
+    kw = dict(input_shape=shape, mean=[0.5] * 3, std=[0.25] * 3, metadata={})
+    export_onnx(to_int8_module(q.eval()), tmp_path / "int8.onnx", **kw)
+    monkeypatch.setattr(oio, "_nhwc_handoff", lambda proto: 0)
+    export_onnx(to_int8_module(q.eval()), tmp_path / "before.onnx", **kw)
+    after, before = (oio.ort_op_counts(tmp_path / f) for f in ("int8.onnx", "before.onnx"))
+    assert after["Transpose"] == 1 and after["ReorderOutput"] == 1, after
+    assert before["Transpose"] > 2, before
+    check_int8_kernels(tmp_path / "int8.onnx", float_convs=1)
+    x = np.random.default_rng(0).random((8, *shape), dtype=np.float32)
+    np.testing.assert_array_equal(oio.ort_logits(tmp_path / "int8.onnx", x),
+                                  oio.ort_logits(tmp_path / "before.onnx", x))
+
+
 class NarrowInverted(nn.Module):
     """A MobileNetV2-like narrow start: stem, 8-channel depthwise, projection to 4, expansion
     to 24 (integer-worthy alone), 24-channel depthwise, projection to 8; then wide 3x3 convs."""
