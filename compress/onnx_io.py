@@ -134,6 +134,25 @@ _NCHWC_OPS = ("Conv", "MaxPool", "AveragePool", "Add")
 
 
 def _nhwc_handoff(proto: onnx.ModelProto) -> int:
+    """`_rewrite_nhwc_handoff`, kept only where onnxruntime on this CPU then runs fewer
+    Transposes (it folds them on x86 only: elsewhere the rewrite would leave a float
+    Transpose in place of a uint8 one). Returns how many hand-offs were rewritten."""
+    trial = onnx.ModelProto()
+    trial.CopyFrom(proto)
+    done = _rewrite_nhwc_handoff(trial)
+    if not done:
+        return 0
+    try:
+        before, after = (_optimized_op_types(p.SerializeToString()).count("Transpose") for p in (proto, trial))
+    except CompressError:
+        return 0
+    if after >= before:
+        return 0
+    proto.CopyFrom(trial)
+    return done
+
+
+def _rewrite_nhwc_handoff(proto: onnx.ModelProto) -> int:
     """Where a float part of the graph (a float lead) hands a ReLU'd tensor to the integer
     part, ``x -> Relu -> QuantizeLinear``, rewrite it as ``x -> Transpose(NHWC) -> Reshape
     -> Relu -> QuantizeLinear -> Transpose(NCHW)``: the same values, but onnxruntime (x86)
@@ -359,18 +378,24 @@ def ort_op_counts(path) -> dict[str, int]:
     >>> ort_op_counts("student_int8.onnx")["QLinearConv"]  # doctest: +SKIP
     21
     """
+    counts: dict[str, int] = {}
+    for op in _optimized_op_types(str(path)):
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def _optimized_op_types(model: str | bytes) -> list[str]:
+    """Op types, in order, of the graph onnxruntime runs for a file (path) or a serialized
+    model (bytes) after all graph optimizations."""
     with tempfile.TemporaryDirectory() as tmp:
         so = _session_options(None)
         so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
         try:
-            ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise CompressError(f"onnxruntime cannot load {path}: {_one_line(e)}") from e
-        graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
-    counts: dict[str, int] = {}
-    for node in graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
+            what = model if isinstance(model, str) else "the exported graph"
+            raise CompressError(f"onnxruntime cannot load {what}: {_one_line(e)}") from e
+        return [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
 
 
 def int8_kernels(path) -> list[str]:

@@ -229,6 +229,31 @@ def test_a_16_channel_float_stem_hands_its_output_to_the_integer_convs_in_nhwc(t
                                   oio.ort_logits(tmp_path / "before.onnx", images))
 
 
+def test_nhwc_handoff_dropped_where_onnxruntime_would_not_run_fewer_transposes(tmp_path, monkeypatch):
+    # e.g. off x86, where onnxruntime has no NCHWc pass to fold the float Transpose into
+    import onnx
+    import torch
+
+    import compress.onnx_io as oio
+    from compress.models import VGG
+    from compress.quant import QuantSpec, calibrate, quantize_model
+    from compress.quant.eager import to_int8_module
+
+    torch.manual_seed(0)
+    model = VGG([16, "M", 32], in_channels=1).eval()
+    q = quantize_model(model, QuantSpec())
+    calibrate(q, [torch.rand(8, 1, 28, 28)])
+    kw = dict(input_shape=(1, 28, 28), mean=[0.286], std=[0.353], metadata={})
+    names = []
+    for ops in (None, lambda model: ["Transpose"]):
+        if ops:
+            monkeypatch.setattr(oio, "_optimized_op_types", ops)
+        oio.export_onnx(to_int8_module(q), tmp_path / "int8.onnx", **kw)
+        names.append([n.name for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node
+                      if n.name.startswith("nhwc_handoff")])
+    assert len(names[0]) == 3 and names[1] == [], names
+
+
 def test_no_nhwc_handoff_where_the_nchwc_pass_would_not_take_it(exported):
     # an 8-channel stem: onnxruntime's AVX-512 NCHWc block is 16, a float Transpose would stay
     import onnx
