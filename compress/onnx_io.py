@@ -163,10 +163,10 @@ def _rewrite_nhwc_handoff(proto: onnx.ModelProto) -> int:
     QDQ propagation from moving the quantization in front of the transpose; it then drops
     the Relu (the quantization clamps at the same zero). Only for x made by a Conv, pool or
     Add with a static channel count that is a multiple of 16, so that the NCHWc pass takes
-    it on AVX2 and on AVX-512 CPUs alike. Measured on the default recipe's student as AVX2,
-    two threads, batch 64 (the uint8 Transpose 0.12 ms of 1.54): 0.83x -> 0.80x its FP32
-    twin's latency, 0.62x -> 0.55x natively (see the README). Returns how many were
-    rewritten."""
+    it on AVX2 and on AVX-512 CPUs alike. Measured on the default recipe's student, two
+    threads, batch 64 (the uint8 Transpose was 0.12 ms of 1.54 as AVX2): 0.84x / 0.83x ->
+    0.82x / 0.79x its FP32 twin's latency as AVX2, 0.63x / 0.62x -> 0.57x / 0.57x natively
+    (see the README). Returns how many were rewritten."""
     g = proto.graph
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
