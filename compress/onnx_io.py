@@ -192,10 +192,9 @@ def _rewrite_nhwc_handoff(proto: onnx.ModelProto) -> int:
         if src is None or src.op_type not in _NCHWC_OPS or shape is None or len(shape) != 4 \
                 or None in shape[1:] or shape[1] % 16:
             continue
-        # a float op: a Conv whose weights, or a pool or Add whose inputs, are dequantized
-        # would be fused into an integer kernel
-        if any(getattr(producer.get(i), "op_type", None) == "DequantizeLinear"
-               for i in (src.input[1:2] if src.op_type == "Conv" else src.input)):
+        # a float op: one that reads a DequantizeLinear is part of an integer kernel (even a
+        # Conv with float weights: onnxruntime quantizes them itself between a DQ and a Q)
+        if any(getattr(producer.get(i), "op_type", None) == "DequantizeLinear" for i in src.input):
             continue
         _, c, h, w = shape
         tag = f"nhwc_handoff_{done}"

@@ -256,3 +256,61 @@ def test_fp32_parity_bound_follows_the_logits_scale(tmp_path, models):
     assert check_fp32_parity(path, big, x) <= 1e-4 * scale
     with pytest.raises(CompressError, match="largest"):
         check_fp32_parity(path, _Scaled(models["model"], 1001.0).eval(), x)
+
+
+def _handoff_graph(first_conv: str, channels: int = 16):
+    """images [-> Q/DQ] -> Conv(1->C) -> Relu -> Q -> DQ -> Conv(C->16, int8 weights) -> Relu
+    -> Q -> DQ -> output; `first_conv`: "float" (float weights on the float input), "dq input"
+    (float weights on the dequantized input) or "integer" (dequantized weights too)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper as h, numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(np.array(0.02, np.float32), "s"), nh.from_array(np.array(0, np.uint8), "z"),
+             nh.from_array(rng.integers(-63, 64, (16, channels, 3, 3)).astype(np.int8), "w2q"),
+             nh.from_array(np.full(16, 0.01, np.float32), "w2s"), nh.from_array(np.zeros(16, np.int8), "w2z")]
+    nodes = [h.make_node("Identity", ["images"], ["x"])] if first_conv == "float" else [
+        h.make_node("QuantizeLinear", ["images", "s", "z"], ["xq"]),
+        h.make_node("DequantizeLinear", ["xq", "s", "z"], ["x"])]
+    w1 = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+    if first_conv == "integer":
+        inits += [nh.from_array(np.round(w1 * 20).astype(np.int8), "w1q"),
+                  nh.from_array(np.full(channels, 0.05, np.float32), "w1s"),
+                  nh.from_array(np.zeros(channels, np.int8), "w1z")]
+        nodes.append(h.make_node("DequantizeLinear", ["w1q", "w1s", "w1z"], ["w1"], axis=0))
+    else:
+        inits.append(nh.from_array(w1, "w1"))
+    nodes += [h.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+              h.make_node("Relu", ["c1"], ["r1"]),
+              h.make_node("QuantizeLinear", ["r1", "s", "z"], ["q1"]),
+              h.make_node("DequantizeLinear", ["q1", "s", "z"], ["d1"]),
+              h.make_node("DequantizeLinear", ["w2q", "w2s", "w2z"], ["w2"], axis=0),
+              h.make_node("Conv", ["d1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+              h.make_node("Relu", ["c2"], ["r2"]),
+              h.make_node("QuantizeLinear", ["r2", "s", "z"], ["q2"]),
+              h.make_node("DequantizeLinear", ["q2", "s", "z"], ["logits"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 1, 12, 12])],
+                         [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 16, 12, 12])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize("first_conv, channels, rewritten",
+                         [("float", 16, 1), ("float", 32, 1), ("float", 8, 0), ("float", 24, 0),
+                          ("dq input", 16, 0), ("integer", 16, 0)])
+def test_nhwc_handoff_only_from_a_float_op_with_16k_channels(first_conv, channels, rewritten):
+    # a conv with dequantized weights is an integer kernel, and onnxruntime quantizes the float
+    # weights of one between a DequantizeLinear and a QuantizeLinear itself; 8 or 24 channels
+    # do not fill onnxruntime's 16-wide NCHWc blocks on AVX-512
+    import numpy as np
+    import onnxruntime as ort
+
+    from compress.onnx_io import _rewrite_nhwc_handoff
+
+    model = _handoff_graph(first_conv, channels)
+    before = model.SerializeToString()
+    assert _rewrite_nhwc_handoff(model) == rewritten
+    __import__("onnx").checker.check_model(model, full_check=True)
+    x = np.random.default_rng(1).random((4, 1, 12, 12), dtype=np.float32)
+    run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    np.testing.assert_array_equal(run(before), run(model.SerializeToString()))
