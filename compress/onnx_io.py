@@ -5,6 +5,7 @@ dynamic batch axis), normalizes them inside the graph and returns float "logits"
 number a report quotes about a file is measured here, with onnxruntime running it.
 """
 
+import collections
 import contextlib
 import copy
 import io
@@ -87,6 +88,18 @@ def _strip(proto: onnx.ModelProto) -> None:
     proto.doc_string = ""
 
 
+def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]] | None:
+    """{value name: dims (None where symbolic, such as the batch)} by ONNX shape inference;
+    None where inference fails (the graph rewrites below then leave the graph alone)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - the checker reports a broken graph later
+        return None
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+            if v.type.tensor_type.HasField("shape")}
+
+
 def _global_pools(proto: onnx.ModelProto) -> int:
     """Rewrite each ReduceMean over the two spatial axes of a 4-D tensor (keepdims), which
     is what the exporter makes of ``AdaptiveAvgPool2d(1)``, as GlobalAveragePool: the same
@@ -95,19 +108,15 @@ def _global_pools(proto: onnx.ModelProto) -> int:
     where a ReduceMean stays a float op between a dequantize and a quantize. Returns how
     many nodes were rewritten."""
     g = proto.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
+    shapes = _shapes(proto)
+    if shapes is None:
         return 0
-    ranks = {v.name: len(v.type.tensor_type.shape.dim)
-             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-             if v.type.tensor_type.HasField("shape")}
     consts = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
     consts.update({n.output[0]: onnx.numpy_helper.to_array(a.t) for n in g.node if n.op_type == "Constant"
                    for a in n.attribute if a.name == "value"})
     done = 0
     for n in g.node:
-        if n.op_type != "ReduceMean" or ranks.get(n.input[0]) != 4 or len(n.input) != 2:
+        if n.op_type != "ReduceMean" or len(shapes.get(n.input[0], ())) != 4 or len(n.input) != 2:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         axes = consts.get(n.input[1])
@@ -168,17 +177,11 @@ def _rewrite_nhwc_handoff(proto: onnx.ModelProto) -> int:
     0.82x / 0.79x its FP32 twin's latency as AVX2, 0.63x / 0.62x -> 0.57x / 0.57x natively
     (see the README). Returns how many were rewritten."""
     g = proto.graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
+    shapes = _shapes(proto)
+    if shapes is None:
         return 0
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in inferred.graph.value_info if v.type.tensor_type.HasField("shape")}
     producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = collections.Counter(i for n in g.node for i in n.input)
     outputs = {o.name for o in g.output}
     nodes, done = list(g.node), 0
     for q in [n for n in nodes if n.op_type == "QuantizeLinear"]:

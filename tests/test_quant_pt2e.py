@@ -310,19 +310,24 @@ def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
     assert again.float_layers == q.float_layers
 
 
+def _calibrated_resnet8(widths, shape=(3, 16, 16)):
+    """A ResNet-8 at `widths` (BN perturbed), prepared for QAT by the rule and calibrated."""
+    torch.manual_seed(0)
+    q = quantize_model(perturb_bn(CifarResNet(8, widths)), QuantSpec(), shape)
+    calibrate(q, [images(shape, 32, 1)])
+    return q.eval()
+
+
 def test_float_lead_stops_at_the_stem_of_a_resnet_pruned_to_odd_widths(tmp_path):
     # widths as pruning leaves them without round_to: 3x3 convs on 18 and 38 inputs pay as
     # INT8 (generic kernel), so only the RGB stem stays float; a ResNet-20 at [18, 18, 38, 76]
     # measured 0.42x its FP32 twin natively and 0.67x as AVX2 (batch 64) with this lead,
     # 0.90x / 0.95x with the 15-conv lead of a rule that called every odd-input conv slow
-    torch.manual_seed(0)
-    model = perturb_bn(CifarResNet(8, [18, 18, 38, 76]))
     shape = (3, 16, 16)
-    q = quantize_model(model, QuantSpec(), shape)
+    q = _calibrated_resnet8([18, 18, 38, 76], shape)
     assert q.float_layers == ["conv1"]
-    calibrate(q, [images(shape, 32, 1)])
     path = tmp_path / "odd-int8.onnx"
-    export_onnx(to_int8_module(q.eval()), path, input_shape=shape, mean=[0.5] * 3, std=[0.25] * 3, metadata={})
+    export_onnx(to_int8_module(q), path, input_shape=shape, mean=[0.5] * 3, std=[0.25] * 3, metadata={})
     check_int8_kernels(path, float_convs=1)
     # left integer and counted slow: the 1x1 shortcuts on 18 and 38 inputs
     assert slow_integer_convs(path) == 2
@@ -337,16 +342,13 @@ def test_a_resnets_float_stem_hands_its_output_to_the_integer_body_in_nhwc(tmp_p
 
     import compress.onnx_io as oio
 
-    torch.manual_seed(0)
-    model = perturb_bn(CifarResNet(8, [16, 16, 32, 64]))
     shape = (3, 16, 16)
-    q = quantize_model(model, QuantSpec(), shape)
+    q = _calibrated_resnet8([16, 16, 32, 64], shape)
     assert q.float_layers == ["conv1"]
-    calibrate(q, [images(shape, 32, 1)])
     kw = dict(input_shape=shape, mean=[0.5] * 3, std=[0.25] * 3, metadata={})
-    export_onnx(to_int8_module(q.eval()), tmp_path / "int8.onnx", **kw)
+    export_onnx(to_int8_module(q), tmp_path / "int8.onnx", **kw)
     monkeypatch.setattr(oio, "_nhwc_handoff", lambda proto: 0)
-    export_onnx(to_int8_module(q.eval()), tmp_path / "before.onnx", **kw)
+    export_onnx(to_int8_module(q), tmp_path / "before.onnx", **kw)
     after, before = (oio.ort_op_counts(tmp_path / f) for f in ("int8.onnx", "before.onnx"))
     assert after["Transpose"] == 1 and after["ReorderOutput"] == 1, after
     assert before["Transpose"] > 2, before
