@@ -5,6 +5,7 @@ pipeline's train -> prune -> distill (a feature term on a named point) on each f
 import copy
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from compress.models import (MODELS, Ensemble, build_model, factory_params, feat
                              make_spec, model_factory)
 from compress.models.mobilenetv2 import InvertedResidual
 from compress.models.resnet import BasicBlock
+from compress.onnx_io import _normalization, _torch_logits, ort_logits
 from compress.pipeline import run_recipe, validate_recipe
 from compress.stages import model_cost
 from compress.stages.prune import PruneStage, prune_model
@@ -318,8 +320,8 @@ def test_validate_checks_feature_points_on_the_pruned_skeleton(tiny_recipe_dict)
 @pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2", "cnn8", "torchvision:resnet18", "timm:test_resnet"])
 def test_every_stage_with_a_feature_term_on_a_named_point(arch, tiny_recipe_dict, tmp_path):
     """train -> prune -> distill (a hint on `stage2`, rkd on `penultimate`) -> qat -> onnx-int8:
-    the export stage itself refuses a float conv in onnxruntime's optimised graph and an INT8
-    top-1 agreement below 99% with the fake-quant model."""
+    the export stage itself refuses a float conv in onnxruntime's optimised graph, and the INT8
+    file's logits match the fake-quant model's."""
     if arch.startswith("timm:"):
         pytest.importorskip("timm")
     tiny_recipe_dict["models"] = {"teacher": {"arch": arch, "args": tiny_args(arch)}}
@@ -328,6 +330,10 @@ def test_every_stage_with_a_feature_term_on_a_named_point(arch, tiny_recipe_dict
                          {"term": "fitnet", "student_layer": "stage2", "teacher_layer": "stage2"},
                          {"term": "rkd", "weight": 0.1}]          # on `penultimate` by default
     stages[3]["float_convs"] = "none"   # every conv integer: these tiny widths would start with a float lead
+    # Two steps on random labels leave near-tied logits, which either runtime's rounding can
+    # flip (an AVX512-BF16 CPU trained a ResNet-18 whose INT8 file differed on 2 of 32 images,
+    # by at most 0.0064 logit): the top-1 check here tolerates that, the logits below do not.
+    stages[4]["int8_min_agreement"] = 0.9
     report = run_recipe(parse_recipe(tiny_recipe_dict), workdir=tmp_path, device="cpu")
     teacher, prune, distill, qat, _ = report["stages"]
     assert prune["params"] < teacher["params"] and prune["macs"] < teacher["macs"]
@@ -335,10 +341,16 @@ def test_every_stage_with_a_feature_term_on_a_named_point(arch, tiny_recipe_dict
     (int8,) = report["exports"]
     ops = int8["check"]["ort_int8_ops"]
     assert ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0) > 0
-    assert int8["check"]["top1_agreement"] >= 0.99
+    assert int8["check"]["top1_agreement"] >= 0.9
     if arch in ("resnet20", "mobilenetv2"):
         assert ops.get("QLinearAdd", 0) > 0 and ops["Add"] == 0     # residual adds in integer
     run_dir = tmp_path / "runs" / "tiny" / "stages"
+    # the INT8 file computes the fake-quant model's function, up to rounding
+    path = tmp_path / "exports" / "tiny" / "qat-int8.onnx"
+    _, qmodel = load_checkpoint(run_dir / "qat" / "model.pt")
+    images = np.random.default_rng(0).random((32, 1, 28, 28), dtype=np.float32)
+    got, ref = ort_logits(path, images), _torch_logits(qmodel, images, *_normalization(path))
+    assert np.abs(got - ref).max() <= 0.1 * ref.std()   # 0.010-0.027x measured; logits 1.2x off fail
     _, pruned = load_checkpoint(run_dir / "prune" / "model.pt")
     _, distilled = load_checkpoint(run_dir / "distill" / "model.pt")
     assert layer_shapes(pruned) == layer_shapes(distilled)
