@@ -19,6 +19,7 @@ from compress.losses import LOSSES, LossTerm, Objective, Outputs, TermInfo, Term
 from compress.losses.at import ATSpec, at_loss, attention_map
 from compress.losses.cosine import CosineSpec, cosine_distance
 from compress.losses.crd import CRDSpec, bank_scores, nce_loss, sample_contrast
+from compress.losses.dist import DISTSpec, dist_loss, dist_parts
 from compress.losses.dkd import DKDSpec, dkd_loss, dkd_parts
 from compress.losses.kd import kd_loss
 from compress.losses.mbd import MBDSpec, mbd_loss, merit_weights
@@ -57,6 +58,45 @@ def _gradcheck(fn, *shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(*s, dtype=F64, generator=g).requires_grad_() for s in shapes]
     assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-5)
+
+
+# ---- dist -----------------------------------------------------------------------------------
+
+def _pearson(u, v):
+    mu, mv = sum(u) / len(u), sum(v) / len(v)
+    num = sum((a - mu) * (b - mv) for a, b in zip(u, v))
+    den = math.sqrt(sum((a - mu) ** 2 for a in u)) * math.sqrt(sum((b - mv) ** 2 for b in v))
+    return num / (den + 1e-8)
+
+
+def test_dist_matches_hand_computed_inter_and_intra_class_relations():
+    s = [[1.0, 2.0, 0.5, -1.0], [0.3, -0.2, 1.5, 0.0], [-0.7, 0.1, 0.2, 2.2]]
+    t = [[3.0, 1.0, 0.0, 0.5], [0.0, 2.0, -1.0, 1.0], [0.4, -1.2, 0.9, 1.1]]
+    T = 2.0
+    ps = [_softmax([v / T for v in row]) for row in s]
+    pt = [_softmax([v / T for v in row]) for row in t]
+    inter = 1 - sum(_pearson(a, b) for a, b in zip(ps, pt)) / 3
+    cols = lambda p, c: [row[c] for row in p]
+    intra = 1 - sum(_pearson(cols(ps, c), cols(pt, c)) for c in range(4)) / 4
+    got_inter, got_intra = dist_parts(_t(s), _t(t), T)
+    assert got_inter.item() == pytest.approx(T * T * inter, rel=1e-9)
+    assert got_intra.item() == pytest.approx(T * T * intra, rel=1e-9)
+    assert dist_loss(_t(s), _t(t), 2.0, 0.5, T).item() == pytest.approx(T * T * (2 * inter + 0.5 * intra), rel=1e-9)
+    # Only the relation counts: a student whose probabilities are a linear map of the
+    # teacher's (flatter, still summing to 1) has both relations at zero, where KL is not.
+    pt_t = _t(pt)
+    shifted = 0.5 * pt_t + 0.5 / 4       # each row still sums to 1, a linear map of the teacher's
+    inter0, intra0 = dist_parts(shifted.log(), pt_t.log(), 1.0)
+    assert inter0.item() == pytest.approx(0.0, abs=1e-6)    # the 1e-8 in the denominator only
+    assert intra0.item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(shifted.log(), pt_t.log(), 1.0).item() > 1e-3
+
+
+def test_dist_zero_for_identical_logits_and_gradcheck():
+    z = torch.randn(5, 6, dtype=F64)
+    assert dist_loss(z, z.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    t = torch.randn(5, 6, dtype=F64)
+    _gradcheck(lambda s: dist_loss(s, t, 1.0, 2.0, 4.0), (5, 6))
 
 
 # ---- dkd ------------------------------------------------------------------------------------
@@ -378,6 +418,8 @@ def test_mbd_hard_is_pure_ce_where_every_teacher_answer_is_wrong():
     (ATSpec, {"student_layers": ["a", "b"], "teacher_layers": ["a"]}),
     (CosineSpec, {"student_layers": [], "teacher_layers": []}),
     (DKDSpec, {"T": 0.0}),
+    (DISTSpec, {"T": 0.0}),
+    (DISTSpec, {"gamma": -1.0}),
     (MBDSpec, {"alpha": 0.9, "delta": 0.2}),
     (MBDSpec, {"variant": "median"}),
     (CRDSpec, {"nce_m": 1.0}),
@@ -389,6 +431,7 @@ def test_specs_refuse_out_of_range_values(cls, kwargs):
 
 def test_paper_defaults():
     assert (DKDSpec().alpha, DKDSpec().beta, DKDSpec().T) == (1.0, 8.0, 4.0)
+    assert (DISTSpec().beta, DISTSpec().gamma, DISTSpec().T) == (1.0, 1.0, 1.0)
     at = ATSpec(student_layers=["a"], teacher_layers=["a"])
     assert (at.beta, at.p) == (1000.0, 2.0)
     crd = CRDSpec()
@@ -496,6 +539,7 @@ def _recipe(fmnist_root, stages):
 ALL_TERMS = [
     {"term": "ce"},
     {"term": "dkd", "alpha": 1, "beta": 8, "T": 4},
+    {"term": "dist", "beta": 1, "gamma": 1, "T": 4},
     {"term": "cosine", "student_layers": ["features.2", "features.6"], "teacher_layers": ["features.2", "features.6"]},
     {"term": "at", "student_layers": ["features.6"], "teacher_layers": ["features.6"], "beta": 1000},
     {"term": "nst", "student_layers": ["features.6"], "teacher_layers": ["features.6"]},
