@@ -83,6 +83,8 @@ def test_vgg_prune_kd_contents():
     assert prune.from_ == "teacher" and prune.ratio == 0.68 and prune.target_macs is None
     assert prune.layers == {"features.0": 0.5, "features.4": 0.5, "features.15": 0.78125}
     assert prune.round_to == 8   # widths that suit vectorised BatchNorm and blocked conv kernels
+    for name in ("distill", "qat"):   # DIST + CE on cached teacher logits (README: How the recipe was chosen)
+        assert [t.term for t in recipe.stage(name).loss] == ["ce", "dist"]
 
 
 def test_tiny_recipe_validates(tiny_recipe_dict, tmp_path, no_fallback_data, capsys):
