@@ -201,6 +201,18 @@ class AugmentSpec(Spec):
         return None if self.crop else (2 if self.flip else 1)
 
 
+class DataPruningSpec(Spec):
+    """InfoBatch (Qin et al., ICLR 2024): unbiased dynamic data pruning. Each epoch drops, with
+    probability `ratio`, every training image whose loss when last trained on was below the
+    mean of those losses, and scales the loss of the kept ones among them by 1 / (1 - ratio),
+    so that the expected gradient is the full epoch's; the last `full_epochs` train on every
+    image unweighted. The learning-rate schedule follows the epochs, not the steps."""
+
+    ratio: float = Field(0.5, gt=0, lt=1, description="probability of dropping an image whose last "
+                         "loss was below the mean")
+    full_epochs: int = Field(1, ge=0, description="final epochs on the whole training set (annealing)")
+
+
 class TrainingSpec(Spec):
     """What every stage that runs the training loop shares (train, distill, qat)."""
 
@@ -226,6 +238,8 @@ class TrainingSpec(Spec):
                                  "average of the weights and BN statistics, which becomes the result")
     sync_batchnorm: bool = Field(False, description="torchrun on CUDA: BatchNorm statistics over the "
                                  "global batch (SyncBatchNorm); no effect in one process")
+    data_pruning: Optional[DataPruningSpec] = Field(None, description="InfoBatch dynamic data pruning: "
+                                                    "epochs skip part of the well-learned images")
 
     @model_validator(mode="after")
     def _full_size_last(self):

@@ -62,12 +62,14 @@ class Data:
 class Batch:
     """One batch, the same shape for every method: images, labels, dataset indices, and
     the view of each image (0: as stored, 1: horizontally flipped) so that outputs cached
-    per (view, index) can be looked up."""
+    per (view, index) can be looked up. `weight`: each image's loss weight (data pruning), or
+    None for all 1."""
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
     view: torch.Tensor = None
+    weight: torch.Tensor = None
 
 
 # ---- preprocessing on batched tensors ---------------------------------------------------
@@ -101,16 +103,22 @@ def augment_batch(x, crop, flip, generator):
 
 
 def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=None,
-            channels_last=False, drop_last=False, flip_all=False, shard=(0, 1), size=None):
+            channels_last=False, drop_last=False, flip_all=False, shard=(0, 1), size=None,
+            indices=None, weights=None):
     """Yield :class:`Batch` es of normalised (and optionally augmented) images by index.
     `flip_all` yields every image mirrored (view 1), e.g. to cache a teacher's outputs.
     `size`: images resized to size x size (antialiased bilinear, after augmentation), e.g. a
     progressive-resizing epoch; None: as stored.
     `shard` = (rank, world): yield only rows rank::world of each batch (one process's part of
-    a global batch under torchrun; the same images and augmentation as in one process)."""
-    n = len(split)
+    a global batch under torchrun; the same images and augmentation as in one process).
+    `indices`: only these images of the split (e.g. those a data-pruning epoch keeps), in
+    shuffled order if `shuffle`; `weights`: a per-image loss weight over the whole split,
+    passed on in each batch's `weight`."""
     dev = split.x.device
+    n = len(split) if indices is None else len(indices)
     order = torch.randperm(n, device=dev, generator=generator) if shuffle else torch.arange(n, device=dev)
+    if indices is not None:
+        order = indices.to(dev)[order]
     stop = n - n % batch_size if (drop_last and n >= batch_size) else n
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
@@ -131,7 +139,7 @@ def iterate(split, data, batch_size, *, shuffle=False, augment=None, generator=N
             x, idx, view = x[r::w], idx[r::w], view[r::w]
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield Batch(x, split.y[idx], idx, view)
+        yield Batch(x, split.y[idx], idx, view, None if weights is None else weights[idx])
 
 
 def num_batches(n, batch_size, drop_last=False):

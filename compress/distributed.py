@@ -104,6 +104,13 @@ def all_sum(tensors):
     return list(flat.unbind())
 
 
+def all_sum_(*tensors):
+    """Sum each tensor over ranks, in place (a no-op in one process)."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
 def shard():
     """(rank, world size) for slicing a global batch: this rank takes rows rank::world."""
     return rank(), world_size()

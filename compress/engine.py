@@ -283,9 +283,10 @@ def build_scheduler(spec, optimizer, total_steps):
 
 
 def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, steps, desc="", batch_size=1,
-                    after_step=None):
+                    after_step=None, record=None):
     """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`;
-    `after_step(model)` runs after each optimizer step (e.g. a weight average's update).
+    `after_step(model)` runs after each optimizer step (e.g. a weight average's update);
+    `record(batch, logits)` sees each batch's logits (e.g. data pruning's per-image scores).
 
     Metrics accumulate on the device and are read once at the end (no per-step sync,
     except a progress-bar refresh and a finiteness check every 50 steps). Returns
@@ -311,6 +312,8 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
         scheduler.step()
         if after_step is not None:
             after_step(model)
+        if record is not None:
+            record(batch, logits)
         n_steps += 1
         finite &= torch.isfinite(loss.detach())
         for k, v in parts.items():
@@ -365,6 +368,55 @@ def evaluate(model, ctx, split=None, exact=True):
     return 100.0 * float((logits.argmax(1) == split.y).float().mean())
 
 
+class _Stretched:
+    """A scheduler stepped `full` times over an epoch of `actual` (<= `full`) steps, spread
+    evenly: a data-pruning epoch moves the learning rate as far as a whole epoch does."""
+
+    def __init__(self, scheduler, full, actual):
+        self.scheduler, self.full, self.actual, self.done = scheduler, full, actual, 0
+
+    def step(self):
+        self.done += 1
+        for _ in range(self.done * self.full // self.actual - (self.done - 1) * self.full // self.actual):
+            self.scheduler.step()
+
+
+class DataPruning:
+    """InfoBatch (Qin et al., ICLR 2024) over a training split: per-image scores (each image's
+    cross-entropy when last trained on), and per epoch the images to train on and their
+    loss weights. Scores start equal, so the first epoch keeps every image."""
+
+    def __init__(self, spec, n, epochs, device, generator):
+        self.spec, self.epochs, self.gen = spec, epochs, generator
+        self.scores = torch.ones(n, device=device)
+        self._fresh = torch.zeros(n, device=device)
+        self._seen = torch.zeros(n, device=device)
+
+    def plan(self, epoch):
+        """(indices, weights) for `epoch`, or (None, None) for the whole split unweighted."""
+        if epoch >= self.epochs - self.spec.full_epochs:
+            return None, None
+        r = self.spec.ratio
+        well = self.scores < self.scores.mean()
+        drop = well & (torch.rand(len(self.scores), device=self.scores.device, generator=self.gen) < r)
+        weights = torch.ones_like(self.scores)
+        weights[well & ~drop] = 1.0 / (1.0 - r)
+        return (~drop).nonzero().squeeze(1), weights
+
+    def record(self, batch, logits):
+        with torch.no_grad():
+            loss = nn.functional.cross_entropy(logits.detach().float(), batch.y, reduction="none")
+            self._fresh[batch.index] = loss
+            self._seen[batch.index] = 1.0
+
+    def end_epoch(self):
+        """Images trained on this epoch (on any rank) take their new scores."""
+        distributed.all_sum_(self._fresh, self._seen)
+        self.scores = torch.where(self._seen > 0, self._fresh / self._seen.clamp(min=1), self.scores)
+        self._fresh.zero_()
+        self._seen.zero_()
+
+
 def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     """Train `model` with `objective` for ``spec.epochs`` (a TrainingSpec): optimizer,
     schedule, augmentation, progress and logging. Stages wrap this; they never copy it.
@@ -392,19 +444,32 @@ def fit(model, objective, spec, ctx, *, name, on_epoch_start=None):
     # torchrun: `batch_size` is the global batch; each rank trains on its rows of it under DDP
     restore_bn = distributed.use_sync_batchnorm(model, spec.sync_batchnorm)
     step_objective, shard = distributed.wrap(model, objective, ctx.device), distributed.shard()
+    pruning = (DataPruning(spec.data_pruning, len(data), spec.epochs, ctx.device,
+                           ctx.generator(salt=zlib.crc32(name.encode()) + 1))
+               if spec.data_pruning else None)
     history = []
     with _onednn_guard(model, objective, ctx.device, name):
         for epoch in range(spec.epochs):
             if on_epoch_start:
                 on_epoch_start(epoch)
             size = spec.progressive_resize[epoch] if epoch < len(spec.progressive_resize) else None
+            keep, weights = pruning.plan(epoch) if pruning else (None, None)
+            n_steps, sched = steps, scheduler
+            if keep is not None:
+                n_steps = min(steps, max(1, num_batches(len(keep), spec.batch_size, drop_last=True)))
+                sched = _Stretched(scheduler, steps, n_steps)
             batches = itertools.islice(iterate(data, ctx.data, spec.batch_size, shuffle=True,
                                                augment=spec.augment, generator=gen, channels_last=True,
-                                               drop_last=True, shard=shard, size=size), steps)
-            m = train_one_epoch(model, step_objective, optimizer, scheduler, batches, ctx, steps=steps,
+                                               drop_last=True, shard=shard, size=size,
+                                               indices=keep, weights=weights), n_steps)
+            m = train_one_epoch(model, step_objective, optimizer, sched, batches, ctx, steps=n_steps,
                                 desc=f"{name} {epoch + 1}/{spec.epochs}",
                                 batch_size=spec.batch_size // shard[1],
-                                after_step=averaged.update_parameters if averaged is not None else None)
+                                after_step=averaged.update_parameters if averaged is not None else None,
+                                record=pruning.record if pruning else None)
+            if pruning:
+                pruning.end_epoch()
+                m["kept_images"] = len(data) if keep is None else len(keep)
             last = epoch == spec.epochs - 1
             if averaged is not None and last:   # the average is the result
                 model.load_state_dict(averaged.module.state_dict())

@@ -338,6 +338,19 @@ def _check_sizes(stage, i, skel, shape):
             skel.train(was)
 
 
+def _check_data_pruning(s, i):
+    """Data pruning weights each image's loss: every term of the stage must be a mean over
+    images that takes those weights (a `train` stage's cross-entropy is)."""
+    if s.data_pruning.full_epochs >= s.epochs:
+        raise CompressError(f"stages[{i}].data_pruning.full_epochs: {s.data_pruning.full_epochs} of the "
+                            f"stage's {s.epochs} epochs leaves none to prune; give fewer than {s.epochs}")
+    terms = [t.term for t in getattr(s, "loss", None) or []]
+    if bad := [t for t in terms if not LOSSES[t].per_sample]:
+        can = ", ".join(sorted(n for n, c in LOSSES.items() if c.per_sample))
+        raise CompressError(f"stages[{i}].data_pruning: loss term '{bad[0]}' is not a mean over images, "
+                            f"so its images cannot be weighted; terms that can: {can}")
+
+
 def validate_recipe(recipe, data=None):
     """Check what can be checked without training: data, models, stage references, what each
     stage kind's plan proves on the skeleton (e.g. a trial prune) and the feature points and
@@ -374,6 +387,8 @@ def validate_recipe(recipe, data=None):
                     if model is None:
                         raise CompressError(f"stages[{i}].loss[{j}].{role}: stage has no teacher")
                     resolve(model, p, f"stages[{i}].loss[{j}].{role}")
+        if getattr(s, "data_pruning", None) is not None:
+            _check_data_pruning(s, i)
         refs = ", ".join(f"{f}={r}" for f, _, r in s.refs())
         lines.append(f"  {i + 1}. {s.name} ({s.kind}){': ' + refs if refs else ''}")
     head = (f"{recipe.name}: valid; data {data.name} {len(data.train)}/{len(data.test)} images "

@@ -87,6 +87,9 @@ class LossTerm(nn.Module):
     # (mutual) can run it; parsing refuses it elsewhere.
     uses_cohort = False
     min_batch = 1      # fewest images per batch the term's math is defined for
+    # Whether the term is a mean over images that applies `batch.weight` (each image's loss
+    # weight) when a batch has one: only such terms can train under data pruning.
+    per_sample = False
 
     @classmethod
     def batch_problem(cls, batch_size):

@@ -17,6 +17,11 @@ class CE(LossTerm):
     """Cross-entropy of the student's logits against the labels."""
 
     spec_cls = CESpec
+    per_sample = True
 
     def forward(self, student, teacher, batch):
-        return F.cross_entropy(student.logits, batch.y, label_smoothing=self.spec.label_smoothing)
+        if batch.weight is None:
+            return F.cross_entropy(student.logits, batch.y, label_smoothing=self.spec.label_smoothing)
+        each = F.cross_entropy(student.logits, batch.y, label_smoothing=self.spec.label_smoothing,
+                               reduction="none")
+        return (each * batch.weight).mean()
