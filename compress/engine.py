@@ -410,9 +410,10 @@ class DataPruning:
             self._seen[batch.index] = 1.0
 
     def end_epoch(self):
-        """Images trained on this epoch (on any rank) take their new scores."""
+        """Images trained on this epoch take their new scores (each image is in one batch of
+        an epoch, on one rank, so the sums over ranks are its score and 1)."""
         distributed.all_sum_(self._fresh, self._seen)
-        self.scores = torch.where(self._seen > 0, self._fresh / self._seen.clamp(min=1), self.scores)
+        self.scores = torch.where(self._seen > 0, self._fresh, self.scores)
         self._fresh.zero_()
         self._seen.zero_()
 
