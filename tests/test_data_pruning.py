@@ -3,6 +3,7 @@ their loss weights, the stretched schedule, the loop, and the recipe checks."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,8 @@ from compress.engine import DataPruning, RunContext, _Stretched, fit
 from compress.errors import CompressError
 from compress.losses import LOSSES, Objective, Outputs
 from compress.losses.ce import CESpec
+from compress.losses.dist import dist_parts
+from compress.losses.kd import kd_loss
 from compress.pipeline import validate_recipe
 
 
@@ -29,6 +32,40 @@ def test_ce_weights_each_image_loss():
     assert torch.allclose(got, torch.as_tensor(expect))
     plain = term(Outputs(logits), None, Batch(None, y, torch.arange(3)))
     assert torch.allclose(plain, F.cross_entropy(logits, y))
+
+
+def test_dist_weights_count_an_image_as_copies_of_it_in_the_intra_relation():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0], dtype=torch.float64)
+    rep = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4])               # each image `w` times
+    inter, intra = dist_parts(s, t, weight=w)
+    _, intra_rep = dist_parts(s[rep], t[rep])
+    assert intra.item() == pytest.approx(intra_rep.item(), rel=1e-6)   # eps 1e-8 on other norms
+    ys, yt = torch.softmax(s, 1), torch.softmax(t, 1)
+    each = [1 - np.corrcoef(ys[i].numpy(), yt[i].numpy())[0, 1] for i in range(5)]
+    assert inter.item() == pytest.approx(float(np.dot(each, w.numpy())) / 5, rel=1e-6)
+    cols = [np.corrcoef(ys[rep, c].numpy(), yt[rep, c].numpy())[0, 1] for c in range(4)]
+    assert intra.item() == pytest.approx(1 - float(np.mean(cols)), rel=1e-6)
+    plain = dist_parts(s, t)                                    # equal weights: the paper's DIST
+    same = dist_parts(s, t, weight=torch.ones(5, dtype=torch.float64))
+    assert all(a.item() == pytest.approx(b.item(), rel=1e-12) for a, b in zip(plain, same))
+
+
+def test_kd_weights_each_image_kl_and_ce():
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]], dtype=torch.float64)
+    t = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    y, w, T, alpha = torch.tensor([1, 0]), torch.tensor([2.0, 0.5], dtype=torch.float64), 2.0, 0.75
+
+    def kl(i):
+        p, q = torch.softmax(t[i] / T, 0), torch.softmax(s[i] / T, 0)
+        return float((p * (p / q).log()).sum())
+
+    ce = [float(-torch.log_softmax(s[i], 0)[y[i]]) for i in range(2)]
+    want = sum(w[i].item() * (alpha * T * T * kl(i) + (1 - alpha) * ce[i]) for i in range(2)) / 2
+    assert kd_loss(s, t, T, alpha, y, weight=w).item() == pytest.approx(want, rel=1e-9)
+    assert kd_loss(s, t, T, alpha, y, weight=torch.ones(2, dtype=torch.float64)).item() == \
+        pytest.approx(kd_loss(s, t, T, alpha, y).item(), rel=1e-12)
 
 
 def _pruning(scores, ratio=0.5, epochs=4, full_epochs=1, seed=0):
@@ -136,8 +173,12 @@ def test_recipe_checks_refuse_terms_that_cannot_weight_images_and_no_pruned_epoc
     assert "valid" in validate_recipe(load_recipe(path))[0]
     d["stages"][2].update(epochs=2, data_pruning={}, loss=[{"term": "ce"}, {"term": "dist"}])
     path.write_text(yaml.safe_dump(d))
-    with pytest.raises(CompressError, match=r"^stages\[2\]\.data_pruning: loss term 'dist' is not a mean "
-                                            r"over images, so its images cannot be weighted; terms that can: ce$"):
+    assert "valid" in validate_recipe(load_recipe(path))[0]
+    d["stages"][2]["loss"] = [{"term": "ce"}, {"term": "dkd"}]
+    path.write_text(yaml.safe_dump(d))
+    with pytest.raises(CompressError, match=r"^stages\[2\]\.data_pruning: loss term 'dkd' is not a mean "
+                                            r"over images, so its images cannot be weighted; terms that can: "
+                                            r"ce, dist, kd$"):
         validate_recipe(load_recipe(path))
     del d["stages"][2]["data_pruning"]
     d["stages"][0]["data_pruning"] = {"full_epochs": 2}
