@@ -190,3 +190,27 @@ def test_recipe_checks_refuse_terms_that_cannot_weight_images_and_no_pruned_epoc
     path.write_text(yaml.safe_dump(d))
     with pytest.raises(CompressError, match=r"^stages\[0\]\.data_pruning\.ratio: must be < 1"):
         load_recipe(path)
+
+
+def test_pruned_distill_epochs_look_up_cached_teacher_logits_by_dataset_index():
+    """DIST alone (no labels in the loss) from a cached logit table that encodes each image's
+    class: the student learns the task only if every kept image of a pruned epoch is taught
+    its own row of the table, and each pruned epoch trains on fewer images."""
+    from compress.losses.dist import DISTSpec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (256, 1, 8, 8), generator=g, dtype=torch.uint8)
+    y = (x.float().mean((1, 2, 3)) > 127).long()
+    split = Split(x, y)
+    data = Data("toy", ["a", "b"], split, split, [0.5], [0.25])
+    ctx = RunContext(recipe=SimpleNamespace(data=SimpleNamespace(eval_batch_size=64)), data=data,
+                     device=torch.device("cpu"))
+    table = (F.one_hot(y, 2).float() * 8 - 4).unsqueeze(0)   # [1 view, N, classes]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    objective = Objective([DISTSpec()], model, teacher_logits=table)
+    spec = TrainingSpec(epochs=4, batch_size=16, eval_every=0, optimizer={"lr": 0.1},
+                        data_pruning={"ratio": 0.5})
+    history = fit(model, objective, spec, ctx, name="toy")
+    assert all(h["kept_images"] < 256 for h in history[1:3])
+    assert history[-1]["test_top1"] > 85      # 91.4%; taught a shuffled table's rows: 50%
