@@ -99,16 +99,9 @@ def all_sum(tensors):
     """Element-wise sums over ranks of a list of same-shaped tensors (one collective)."""
     if not active() or not tensors:
         return tensors
-    flat = torch.stack([t.detach().float().reshape(()) for t in tensors])
+    flat = torch.stack([t.detach().float() for t in tensors])
     dist.all_reduce(flat)
     return list(flat.unbind())
-
-
-def all_sum_(*tensors):
-    """Sum each tensor over ranks, in place (a no-op in one process)."""
-    if active():
-        for t in tensors:
-            dist.all_reduce(t)
 
 
 def shard():

@@ -412,8 +412,8 @@ class DataPruning:
     def end_epoch(self):
         """Images trained on this epoch take their new scores (each image is in one batch of
         an epoch, on one rank, so the sums over ranks are its score and 1)."""
-        distributed.all_sum_(self._fresh, self._seen)
-        self.scores = torch.where(self._seen > 0, self._fresh, self.scores)
+        fresh, seen = distributed.all_sum([self._fresh, self._seen])
+        self.scores = torch.where(seen > 0, fresh, self.scores)
         self._fresh.zero_()
         self._seen.zero_()
 

@@ -214,3 +214,30 @@ def test_pruned_distill_epochs_look_up_cached_teacher_logits_by_dataset_index():
     history = fit(model, objective, spec, ctx, name="toy")
     assert all(h["kept_images"] < 256 for h in history[1:3])
     assert history[-1]["test_top1"] > 85      # 91.4%; taught a shuffled table's rows: 50%
+
+
+def _score_rank(rank, init, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        p = _pruning(torch.full((8,), 9.0))
+        logits = torch.arange(16.0).reshape(8, 2) / 4
+        y = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1])
+        mine = torch.tensor([0, 2, 4]) + rank       # images 0-5 trained, split over the ranks; 6, 7 not
+        p.record(Batch(None, y[mine], mine), logits[mine])
+        p.end_epoch()
+        torch.save(p.scores, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_scores_are_gathered_over_torchrun_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_score_rank, args=(f"file://{tmp_path / 'init'}", str(tmp_path / "s")), nprocs=2)
+    logits = torch.arange(16.0).reshape(8, 2) / 4
+    y = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1])
+    want = torch.cat([F.cross_entropy(logits[:6], y[:6], reduction="none"), torch.tensor([9.0, 9.0])])
+    for r in (0, 1):
+        assert torch.allclose(torch.load(tmp_path / f"s.{r}"), want)
