@@ -218,6 +218,59 @@ def _rewrite_nhwc_handoff(proto: onnx.ModelProto) -> int:
     return done
 
 
+def _pixel_input(proto: onnx.ModelProto) -> int:
+    """Where the graph quantizes its normalized input, ``images -> Sub(mean) -> Div(std) ->
+    QuantizeLinear(scale, zero_point)`` (uint8), and that quantization maps each 8-bit pixel
+    value k/255 to the integer k, in every channel (a scale of one pixel step and the mean's
+    zero point: what an input observer measures on 8-bit images), quantize the images
+    themselves instead: ``QuantizeLinear(images, 1/255, 0)``. On 8-bit images that gives the
+    same integers, so the same logits, with two float ops fewer; other inputs are rounded to
+    the nearest 1/255 rather than to the nearest level of the normalized grid (at most 0.5
+    pixel steps either way). The DequantizeLinear after it is kept. Measured on the default
+    recipe's INT8 student, two threads, batch 64: 1.78 -> 1.75 and 1.75 -> 1.71 ms as AVX2,
+    1.01 -> 0.98 ms natively. Returns 1 if rewritten, else 0 (the graph is left alone)."""
+    g = proto.graph
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    readers = collections.Counter(i for n in g.node for i in n.input)
+    outputs = {o.name for o in g.output}
+    first = {n.input[0]: n for n in g.node if n.input}   # the node reading a value first
+
+    def only_reader(value, op):
+        n = first.get(value)
+        ok = n is not None and n.op_type == op and readers[value] == 1 and value not in outputs
+        return n if ok and len(n.input) >= 2 and all(i in consts for i in n.input[1:]) else None
+
+    sub = only_reader(INPUT_NAME, "Sub")
+    div = sub and only_reader(sub.output[0], "Div")
+    q = div and only_reader(div.output[0], "QuantizeLinear")
+    if q is None or len(q.input) != 3 or consts[q.input[2]].dtype != np.uint8 \
+            or consts[q.input[1]].size != 1 or consts[q.input[2]].size != 1:
+        return 0
+    mean, std = (consts[n.input[1]].astype(np.float64) for n in (sub, div))
+    scale, zero_point = float(consts[q.input[1]].ravel()[0]), int(consts[q.input[2]].ravel()[0])
+    if (std <= 0).any():
+        return 0
+    # every pixel value against every (mean, std) pair: safe however the two broadcast
+    k = np.arange(256, dtype=np.float64)[:, None, None]
+    level = (k / 255 - mean.ravel()[None, :, None]) / std.ravel()[None, None, :] / scale + zero_point
+    # each level well inside k's rounding interval, whatever float32 rounding the runtime adds
+    if not (np.abs(level - k) < 0.499).all():
+        return 0
+    pixel = "pixel_quantize"
+    g.initializer.extend([onnx.numpy_helper.from_array(np.array(1 / 255, np.float32), pixel + "_scale"),
+                          onnx.numpy_helper.from_array(np.array(0, np.uint8), pixel + "_zero_point")])
+    quantize = onnx.helper.make_node("QuantizeLinear", [INPUT_NAME, pixel + "_scale", pixel + "_zero_point"],
+                                     [q.output[0]], name=pixel)
+    nodes = [quantize if n is sub else n for n in g.node if n is not div and n is not q]
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return 1
+
+
 def _atomic_write(data: bytes, path: Path) -> None:
     """Temp file in the same directory, then rename: readers never see half a file."""
     try:
@@ -262,6 +315,7 @@ def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
         raise CompressError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from e
     _global_pools(proto)
     _nhwc_handoff(proto)
+    _pixel_input(proto)
     _strip(proto)
     onnx.helper.set_model_props(proto, {
         **metadata,
