@@ -254,10 +254,10 @@ def _pixel_input(proto: onnx.ModelProto) -> int:
     sub = only_reader(INPUT_NAME, "Sub")
     div = None if sub is None else only_reader(nodes[sub].output[0], "Div")
     q = None if div is None else only_reader(nodes[div].output[0], "QuantizeLinear")
-    if q is None:
+    if q is None or len(nodes[q].input) != 3:
         return 0
-    q_scale, q_zero = (consts[i] for i in nodes[q].input[1:3]) if len(nodes[q].input) == 3 else (None, None)
-    if q_zero is None or q_zero.dtype != np.uint8 or q_scale.size != 1 or q_zero.size != 1:
+    q_scale, q_zero = (consts[i] for i in nodes[q].input[1:])
+    if q_zero.dtype != np.uint8 or q_scale.size != 1 or q_zero.size != 1:
         return 0
     mean, std = (consts[nodes[k].input[1]].astype(np.float64) for k in (sub, div))
     scale, zero_point = float(q_scale.ravel()[0]), int(q_zero.ravel()[0])

@@ -711,13 +711,11 @@ def test_int8_convs_benchmark_prints_each_shape_with_the_rules_verdict():
     assert verdict[24] == "float" and verdict[144] == "int8"
 
 
-@pytest.mark.parametrize("float_stem", [True, False])
-def test_the_input_is_quantized_as_pixels_where_that_is_exact(tmp_path, monkeypatch, float_stem):
-    # an input observer that saw 8-bit images (pixel values 0 and 255 included) maps each
-    # value k/255 to k: the export then quantizes the images themselves, without the
-    # normalization's Sub and Div, and gives the same logits on 8-bit images; the integer
-    # kernels are those of the file without the rewrite
-    import numpy as np
+
+def _int8_of_vgg(path, images, float_stem=True, pixel_input=True):
+    """A small eager-QAT VGG calibrated on `images` (in [0, 1], Fashion-MNIST's
+    normalization), exported as INT8 to `path`; `pixel_input=False` without that rewrite.
+    Returns the exported graph."""
     import onnx
     import torch
 
@@ -728,26 +726,43 @@ def test_the_input_is_quantized_as_pixels_where_that_is_exact(tmp_path, monkeypa
 
     mean, std = 0.286, 0.353
     torch.manual_seed(0)
-    model = VGG([16, "M", 32], in_channels=1).eval()
-    q = quantize_model(model, QuantSpec())
-    pixels = torch.randint(0, 256, (2, 16, 1, 28, 28)) / 255.0
-    pixels[:, :, 0, 0, 0], pixels[:, :, 0, 0, 1] = 0.0, 1.0
-    calibrate(q, [(x - mean) / std for x in pixels])
-    kw = dict(input_shape=(1, 28, 28), mean=[mean], std=[std], metadata={})
-    oio.export_onnx(to_int8_module(q, float_first_conv=float_stem), tmp_path / "int8.onnx", **kw)
-    with monkeypatch.context() as m:
-        m.setattr(oio, "_pixel_input", lambda proto: 0)
-        oio.export_onnx(to_int8_module(q, float_first_conv=float_stem), tmp_path / "before.onnx", **kw)
+    q = quantize_model(VGG([16, "M", 32], in_channels=1).eval(), QuantSpec())
+    calibrate(q, [(x - mean) / std for x in images])
+    rewrite = oio._pixel_input
+    try:
+        if not pixel_input:
+            oio._pixel_input = lambda proto: 0
+        oio.export_onnx(to_int8_module(q, float_first_conv=float_stem), path, input_shape=(1, 28, 28),
+                        mean=[mean], std=[std], metadata={})
+    finally:
+        oio._pixel_input = rewrite
+    return onnx.load(str(path)).graph
 
-    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+
+@pytest.mark.parametrize("float_stem", [True, False])
+def test_the_input_is_quantized_as_pixels_where_that_is_exact(tmp_path, float_stem):
+    # an input observer that saw 8-bit images (pixel values 0 and 255 included) maps each
+    # value k/255 to k: the export then quantizes the images themselves, without the
+    # normalization's Sub and Div, and gives the same logits on 8-bit images; the integer
+    # kernels are those of the file without the rewrite
+    import numpy as np
+    import torch
+
+    from compress.onnx_io import ort_logits
+
+    pixels = torch.randint(0, 256, (2, 16, 1, 28, 28), generator=torch.Generator().manual_seed(1)) / 255.0
+    pixels[:, :, 0, 0, 0], pixels[:, :, 0, 0, 1] = 0.0, 1.0
+    graph = _int8_of_vgg(tmp_path / "int8.onnx", pixels, float_stem)
+    before = _int8_of_vgg(tmp_path / "before.onnx", pixels, float_stem, pixel_input=False)
+
     ops = [n.op_type for n in graph.node]
     assert ops[:2] == ["QuantizeLinear", "DequantizeLinear"] and not {"Sub", "Div"} & set(ops), ops
     assert graph.node[0].input[0] == "images"
     assert not {"mean", "std"} & {i.name for i in graph.initializer}   # no unused constants left
-    assert {"Sub", "Div"} <= {n.op_type for n in onnx.load(str(tmp_path / "before.onnx")).graph.node}
+    assert {"Sub", "Div"} <= {n.op_type for n in before.node}
     images = (torch.randint(0, 256, (64, 1, 28, 28)) / 255.0).numpy()
-    np.testing.assert_array_equal(oio.ort_logits(tmp_path / "int8.onnx", images),
-                                  oio.ort_logits(tmp_path / "before.onnx", images))
+    np.testing.assert_array_equal(ort_logits(tmp_path / "int8.onnx", images),
+                                  ort_logits(tmp_path / "before.onnx", images))
     assert _optimized_ops(tmp_path / "int8.onnx", tmp_path).count("QLinearConv") == \
         _optimized_ops(tmp_path / "before.onnx", tmp_path).count("QLinearConv") == 2 - float_stem
 
@@ -756,20 +771,9 @@ def test_the_input_is_quantized_as_pixels_where_that_is_exact(tmp_path, monkeypa
 def test_the_input_keeps_its_normalization_where_pixels_would_quantize_otherwise(tmp_path, lo, hi):
     # an input range other than the whole pixel range: its levels are not the pixel values,
     # so quantizing the images as pixels would change the logits; the graph is left alone
-    import onnx
     import torch
 
-    import compress.onnx_io as oio
-    from compress.models import VGG
-    from compress.quant import QuantSpec, calibrate, quantize_model
-    from compress.quant.eager import to_int8_module
-
-    torch.manual_seed(0)
-    q = quantize_model(VGG([16, "M", 32], in_channels=1).eval(), QuantSpec())
-    x = torch.rand(16, 1, 28, 28) * (hi - lo) + lo
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * (hi - lo) + lo
     x[:, 0, 0, 0], x[:, 0, 0, 1] = lo, hi
-    calibrate(q, [(x - 0.286) / 0.353])
-    oio.export_onnx(to_int8_module(q), tmp_path / "int8.onnx", input_shape=(1, 28, 28),
-                    mean=[0.286], std=[0.353], metadata={})
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node]
+    ops = [n.op_type for n in _int8_of_vgg(tmp_path / "int8.onnx", [x]).node]
     assert ops[:3] == ["Sub", "Div", "QuantizeLinear"], ops
