@@ -1,11 +1,12 @@
 """The default recipe's whole cost in a unit that travels between machines: epochs of a
 plain PyTorch training loop of its teacher, measured on the same machine in the same run.
 
-    python benchmarks/recipe_cost.py [RECIPE] [--set PATH=VALUE ...] [--threads N]
+    python benchmarks/recipe_cost.py [RECIPE] [--set PATH=VALUE ...] [--threads N] [--device cpu|cuda]
 
 1. one epoch of a plain loop (`throughput.plain_loop`: vgg_small, batch 256,
-   channels_last, the training set as one in-memory tensor, SGD) over the whole training set;
-2. `compress run RECIPE --fresh` in a temporary work directory, timed from outside
+   channels_last, the training set as one in-memory tensor, SGD; on CUDA under bf16
+   autocast) over the whole training set, on `--device`;
+2. `compress run RECIPE --fresh --device D` in a temporary work directory, timed from outside
    (process start-up, data loading and every stage included);
 3. the plain epoch again (the load of a shared machine drifts; both are printed and their
    mean is the unit);
@@ -46,17 +47,25 @@ from compress.models import build_model  # noqa: E402
 TARGETS = {"ratio": 6.0, "int8_top1": 92.5, "params": 0.10, "file": 0.04, "latency_b64": 0.75}
 
 
-def plain_epoch(data, threads):
+def plain_epoch(data, threads, device):
     """Seconds of one plain-loop epoch of a fresh vgg_small over the whole training set."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model({"arch": "vgg_small", "args": {"in_channels": 1, "num_classes": 10}})
-    model = model.to(memory_format=torch.channels_last)
-    tensors = {"x": (data.train.x.float() / 255 - data.mean[0]) / data.std[0], "y": data.train.y}
-    gen = torch.Generator().manual_seed(0)
-    plain_loop(model, tensors, torch.device("cpu"), 3, gen)       # warm-up (allocator, kernels)
+    model = model.to(device, memory_format=torch.channels_last)
+    tensors = {"x": ((data.train.x.float() / 255 - data.mean[0]) / data.std[0]).to(device),
+               "y": data.train.y.to(device)}
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    plain_loop(model, tensors, device, 3, gen)       # warm-up (allocator, kernels)
+    sync()
     t0 = time.perf_counter()
-    plain_loop(model, tensors, torch.device("cpu"), len(data.train) // BATCH, gen)
+    plain_loop(model, tensors, device, len(data.train) // BATCH, gen)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -79,14 +88,21 @@ def main():
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="threads of the plain loop; the recipe uses torch's default (same unless set)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the plain loop and the recipe train (onnxruntime times the files on the CPU)")
     a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device (torch.cuda.is_available() is False); valid: cpu",
+              file=sys.stderr)
+        return 2
+    device = torch.device(a.device)
     print("\n".join(machine_lines(a.threads)))
     data = fashion_mnist(root=str(fmnist_source()))
-    before = plain_epoch(data, a.threads)
-    print(f"plain PyTorch epoch (vgg_small, {len(data.train)} images, batch {BATCH}): {before:.1f} s", flush=True)
+    before = plain_epoch(data, a.threads, device)
+    print(f"plain PyTorch epoch (vgg_small, {len(data.train)} images, batch {BATCH}, {device}): {before:.1f} s", flush=True)
     env = {**os.environ, "TQDM_DISABLE": "1"}
     with tempfile.TemporaryDirectory() as work:
-        cmd = [sys.executable, "-m", "compress", "run", a.recipe, "--workdir", work, "--device", "cpu",
+        cmd = [sys.executable, "-m", "compress", "run", a.recipe, "--workdir", work, "--device", a.device,
                "--fresh", *sum((["--set", s] for s in a.overrides), [])]
         print("$ " + " ".join(cmd[1:]), flush=True)
         t0 = time.perf_counter()
@@ -94,7 +110,7 @@ def main():
         wall = time.perf_counter() - t0
         exp = next(Path(work, "exports").glob("*/report.json")).parent
         rep = json.loads((exp / "report.json").read_text())
-        after = plain_epoch(data, a.threads)
+        after = plain_epoch(data, a.threads, device)
         print(f"plain PyTorch epoch again: {after:.1f} s")
         ex = {(e["model"], e["format"]): e for e in rep["exports"]}
         q = next((e for e in rep["exports"] if e["format"] == "onnx-int8"), None)
