@@ -190,18 +190,51 @@ def cmd_eval(args):
 
 # ---- bench -----------------------------------------------------------------------------------
 
-def cpu_vnni(cpuinfo="/proc/cpuinfo"):
-    """The VNNI flags the CPU reports (avx512_vnni, avx_vnni), [] when none, None when
-    unknown (no /proc/cpuinfo)."""
+# The CPU flags that decide which kernels PyTorch, oneDNN and onnxruntime run (x86, then Arm).
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
+                "asimd", "asimddp", "i8mm", "bf16", "sve")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_info(cpuinfo="/proc/cpuinfo"):
+    """{"model": lscpu's model name (None where /proc/cpuinfo gives none, as on most Arm
+    CPUs), "isa": the KERNEL_FLAGS the CPU reports, in that order (None when unknown: no
+    /proc/cpuinfo)}: what a latency or a training time should be quoted with.
+
+    >>> cpu_info()["isa"]   # doctest: +SKIP
+    ['avx2', 'fma', 'avx512f', 'avx512_vnni']
+    """
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return None
-    flags = set()
+        return {"model": None, "isa": None}
+    model, flags = None, set()
     for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            flags.update(line.split(":", 1)[1].split())
-    return sorted(f for f in flags if f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("flags", "Features"):
+            flags.update(value.split())
+        elif key == "model name" and model is None:
+            model = " ".join(value.split()) or None
+    return {"model": model, "isa": [f for f in KERNEL_FLAGS if f in flags]}
+
+
+def cpu_line(info=None):
+    """One line naming the CPU and its kernel flags, e.g. ``Intel(R) Xeon(R) Processor (avx2 fma
+    avx512f avx512_vnni)``."""
+    import platform
+
+    info = cpu_info() if info is None else info
+    model = info.get("model") or platform.processor() or platform.machine() or "unknown CPU"
+    isa = info.get("isa")
+    return f"{model} ({' '.join(isa) if isa else 'no AVX2/AVX-512/NEON flags' if isa == [] else 'flags unknown'})"
+
+
+def cpu_vnni(cpuinfo="/proc/cpuinfo"):
+    """The VNNI flags the CPU reports (avx512_vnni, avx_vnni, amx_int8), [] when none, None
+    when unknown (no /proc/cpuinfo)."""
+    isa = cpu_info(cpuinfo)["isa"]
+    return None if isa is None else sorted(f for f in isa if f in VNNI_FLAGS)
 
 
 def bench(path, batches=(1, 64), threads=None, runs=50):
@@ -299,6 +332,7 @@ def cmd_bench(args):
     threads = args.threads or f"default ({os.cpu_count()} cores)"
     print(f"{path.name}: {path.stat().st_size / 1024:.1f} KB, {'INT8' if int8 else 'FP32'}; "
           f"onnxruntime {ort.__version__}, CPU, threads {threads}, median of {args.runs} runs")
+    print(f"CPU: {cpu_line()}")
     # the other files are checked before anything is timed: a bad one costs no measuring
     others, how = _twin_for(path, args.compare) if (int8 or args.compare) else ([], "")
     other_int8 = []

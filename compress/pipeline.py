@@ -16,7 +16,7 @@ import torch
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
-from .commands import cpu_vnni
+from .commands import cpu_info, cpu_vnni
 from .config import TrainingSpec
 from .data import load_data
 from .engine import NonFiniteLoss, RunContext, tune_allocator, use_bf16
@@ -256,6 +256,7 @@ def build_report(recipe, ctx, wall):
                        prune_ratio=r.info.get("ratio"), members=r.info.get("members", []))
         stages.append(row.model_dump(mode="json", exclude_none=True))
         exports += r.info.get("exports", [])
+    cpu = cpu_info()
     report = {
         "recipe": recipe.name,
         "data": {"name": data.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
@@ -270,7 +271,10 @@ def build_report(recipe, ctx, wall):
         "environment": {"device": str(ctx.device), "precision": ctx.precision,
                         "torch": torch.__version__,
                         "onnxruntime": __import__("onnxruntime").__version__,
-                        "cpu": platform.processor() or platform.machine(),
+                        # the CPU's model and kernel flags: what its latencies and seconds hold for
+                        "cpu": cpu["model"] or platform.processor() or platform.machine(),
+                        "isa": cpu["isa"], "machine": platform.machine(),
+                        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "threads": torch.get_num_threads(), "processes": distributed.world_size(),
                         "allocator": tune_allocator(),
                         # VNNI decides whether onnxruntime's integer kernels pay (report.md says so)

@@ -87,6 +87,8 @@ class Environment(Row):
     device: str
     threads: int
     precision: str = "fp32"   # "bf16" when training and evaluation ran under bf16 autocast
+    cpu: Optional[str] = None   # lscpu's model name (older reports: the platform's machine name)
+    isa: Optional[list[str]] = None   # its kernel flags (commands.KERNEL_FLAGS); None: unknown
 
 
 class Report(Row):
@@ -156,6 +158,12 @@ def fp32_twin(report, exp):
     return None
 
 
+def _cpu(env):
+    """``MODEL (flag flag ...)`` from a report's environment (the flags where it recorded them)."""
+    isa = env.get("isa")
+    return f"{env['cpu']} ({' '.join(isa)})" if isa else str(env["cpu"])
+
+
 def render_markdown(report):
     d = report["data"]
     stage_by = {s["name"]: s for s in report["stages"]}
@@ -189,8 +197,9 @@ def render_markdown(report):
         ref = reference_export(report)
         ref_params = stage_by.get(ref["model"], {}).get("params") if ref else None
         lines += ["", f"## Exported models (onnxruntime, CPU, {report['environment']['threads']} threads)", "",
-                  "Top-1 and latency are measured on each file by onnxruntime. Ratios are against "
-                  f"the teacher's FP32 file (`{ref['path']}`)." if ref else "", "",
+                  "Top-1 and latency are measured on each file by onnxruntime"
+                  + (f" on {_cpu(report['environment'])}" if report["environment"].get("cpu") else "") + "."
+                  + (f" Ratios are against the teacher's FP32 file (`{ref['path']}`)." if ref else ""), "",
                   "| model | format | file | size | top-1 (%) | latency b1 (ms) | latency b64 (ms) | "
                   "params vs teacher | size vs teacher | speed-up b1 | speed-up b64 |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

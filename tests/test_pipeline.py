@@ -71,6 +71,14 @@ def test_report_has_every_stage_and_verified_exports(first_run):
     assert ex[("qat", "onnx-int8")]["bytes"] < ex[("distill", "onnx-fp32")]["bytes"]  # tiny model: graph overhead dominates
     md = (out / "report.md").read_text()
     assert "| qat | onnx-int8 |" in md and "FP32 twin" in md
+    # the latencies are quoted with the CPU that measured them: its model and kernel flags
+    from compress.commands import cpu_info
+
+    cpu = cpu_info()
+    env = rep["environment"]
+    assert env["isa"] == cpu["isa"] and env["cpu"] == (cpu["model"] or env["cpu"])
+    if cpu["model"]:
+        assert f"by onnxruntime on {cpu['model']} (" + " ".join(cpu["isa"]) in md
 
 
 def test_rerun_reuses_every_stage(first_run):

@@ -297,6 +297,46 @@ def test_bench_calls_only_a_float_file_the_fp32_twin(exported, capsys):
     assert "twin" not in out.split("side by side")[-1]
 
 
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R)   Gold 6338 CPU @ 2.00GHz
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni amx_tile
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R)   Gold 6338 CPU @ 2.00GHz
+flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw avx512_vnni amx_tile
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+Features\t: fp asimd evtstrm aes asimddp sha512 sve i8mm bf16
+CPU implementer\t: 0x41
+"""
+
+
+@pytest.mark.parametrize("text, model, isa, vnni", [
+    (X86_CPUINFO, "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz", ["avx2", "fma", "avx512f", "avx512_vnni"],
+     ["avx512_vnni"]),
+    (X86_CPUINFO.replace(" avx512f avx512bw avx512_vnni amx_tile", ""), "Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz",
+     ["avx2", "fma"], []),                                     # an AVX2-only CPU: no VNNI
+    (ARM_CPUINFO, None, ["asimd", "asimddp", "i8mm", "bf16", "sve"], []),
+    (None, None, None, None),                                  # no /proc/cpuinfo
+])
+def test_cpu_model_and_kernel_flags(tmp_path, text, model, isa, vnni):
+    from compress.commands import cpu_info, cpu_line, cpu_vnni
+
+    path = tmp_path / "cpuinfo"
+    if text is not None:
+        path.write_text(text)
+    info = cpu_info(path)
+    assert info == {"model": model, "isa": isa}
+    assert cpu_vnni(path) == vnni
+    line = cpu_line(info)
+    if model:
+        assert line == f"{model} ({' '.join(isa)})"
+    else:   # the platform's own name stands in for a model /proc/cpuinfo does not give
+        assert line.endswith("(asimd asimddp i8mm bf16 sve)" if isa else "(flags unknown)")
+
+
 @pytest.mark.parametrize("vnni, batch, says", [
     ([], "b64", "this CPU has no VNNI"),
     (["avx512_vnni"], "b1", "a call this short (0.050 ms) is dominated by fixed costs"),

@@ -14,7 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from compress.cli import main
-from compress.commands import compare_table, cpu_vnni
+from compress.commands import compare_table, cpu_line, cpu_vnni
 from compress.plots import comparison_rows, pareto_front, plot_method_bars, render_run
 
 from conftest import TINY_RECIPE, write_fmnist
@@ -311,6 +311,7 @@ def test_bench_int8(runs, capsys):
     assert "integer kernels after graph optimisation: yes (QLinearConv" in out
     vnni = cpu_vnni()
     assert ("CPU VNNI: yes" in out) == bool(vnni)
+    assert f"CPU: {cpu_line()}\n" in out    # the latencies come with the CPU's model and kernel flags
     assert re.search(r"than its FP32 twin distill-fp32\.onnx at batch 1 ", out)
 
 
