@@ -30,7 +30,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compress.commands import cpu_info  # noqa: E402
 from compress.config import load_recipe, parse_recipe  # noqa: E402
 from compress.data import DEBIAN_FASHION_MNIST, fashion_mnist, iterate  # noqa: E402
 from compress.engine import (Frozen, RunContext, build_optimizer, build_scheduler, predict,  # noqa: E402
@@ -58,17 +58,8 @@ FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
 
 def machine_lines(threads):
     """CPU model and the flags that decide speed here, library versions, threads."""
-    model, flags = platform.processor() or "?", set()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            k, _, v = line.partition(":")
-            if k.strip() == "Model name":
-                model = v.strip()
-            elif k.strip() == "Flags":
-                flags = set(v.split())
-    except OSError:
-        pass
+    info = cpu_info()   # /proc/cpuinfo, as lscpu reads it
+    model, flags = info["model"] or platform.processor() or "?", set(info["isa"] or ())
     import onnxruntime
     import torchvision
 
