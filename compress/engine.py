@@ -21,9 +21,9 @@ from .errors import CompressError
 class NonFiniteLoss(CompressError):
     """Training produced a NaN or infinite loss; `desc` is the epoch's "<stage> e/E" label."""
 
-    def __init__(self, desc, steps):
-        self.desc, self.steps = desc, steps
-        super().__init__(f"{desc}: the loss became NaN or infinite within the first {steps} steps")
+    def __init__(self, desc, steps, what="the loss became NaN or infinite"):
+        self.desc, self.steps, self.what = desc, steps, what
+        super().__init__(f"{desc}: {what} within the first {steps} steps")
 
 
 @dataclass
@@ -282,6 +282,12 @@ def build_scheduler(spec, optimizer, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def _all_finite(model):
+    """Every floating-point parameter and buffer (BatchNorm statistics, quantization ranges)
+    of `model` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
 def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, steps, desc="", batch_size=1,
                     after_step=None, record=None):
     """One pass over `batches`. `objective(model, batch) -> (loss, {term: value}, logits)`;
@@ -303,8 +309,19 @@ def train_one_epoch(model, objective, optimizer, scheduler, batches, ctx, *, ste
     t0 = time.perf_counter()
     lr, n_steps = optimizer.param_groups[0]["lr"], 0   # Python floats/ints: no device sync
     for step, batch in enumerate(batches):
-        with ctx.autocast():
-            loss, parts, logits = objective(model, batch)
+        try:
+            with ctx.autocast():
+                loss, parts, logits = objective(model, batch)
+        except Exception:
+            # Weights that a diverging run blew up (or a non-finite loss made NaN) can overflow a
+            # forward, which may then fail before the next finiteness check (pt2e's observers
+            # assert min <= max on NaN): report the divergence, not that traceback. No collective
+            # here: a rank whose own state is finite re-raises, and every rank stops either way.
+            if n_steps and not (bool(finite) and _all_finite(model)):
+                bar.close()
+                raise NonFiniteLoss(desc, n_steps, "the loss, weights or activations became NaN or "
+                                                   "infinite") from None
+            raise
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = optimizer.param_groups[0]["lr"]   # the rate this step uses (the scheduler moves it next)

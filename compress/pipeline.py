@@ -235,7 +235,7 @@ def _run_stage(stage, key, ctx, storage, workdir):
     except NonFiniteLoss as e:
         m = re.search(r"(\d+)/(\d+)$", e.desc)
         epoch = f" in epoch {m.group(1)} of {m.group(2)}" if m else ""
-        raise _diverged(stage, epoch, f"the loss became NaN or infinite (step {e.steps})") from e
+        raise _diverged(stage, epoch, f"{e.what} (step {e.steps})") from e
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     result.seconds = round(time.perf_counter() - t0, 2)

@@ -116,6 +116,41 @@ def test_non_finite_flag_stops_within_fifty_steps():
     assert len(seen) == 50
 
 
+@pytest.mark.parametrize("how", ["nan loss", "nan buffer", "own bug"])
+def test_a_forward_that_fails_on_diverged_state_is_the_divergence(how):
+    """A forward that fails on a diverged model (pt2e's observers `assert min_val <= max_val`
+    once an overflow made NaN) is reported as the divergence, not as its traceback: after a
+    NaN loss (the next step's weights are NaN), or where the loss stayed finite but a buffer
+    went NaN in the failing forward itself (weights blown up to 1e20 overflow BatchNorm's
+    statistics). A forward that fails on a finite model keeps its own error."""
+    from compress.engine import NonFiniteLoss, RunContext, train_one_epoch
+
+    model = torch.nn.Linear(2, 2)
+    model.register_buffer("running", torch.zeros(2))
+    seen = []
+
+    def objective(m, b):
+        seen.append(1)
+        out = m(b.x)
+        if len(seen) == 5:
+            if how == "nan buffer":
+                m.running.fill_(float("nan"))
+            assert how != "own bug", "a bug of the model's own"
+        assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(m.running).all()), "min nan > max nan"
+        loss = out.sum() * (float("nan") if how == "nan loss" and len(seen) == 3 else 1.0)
+        return loss, {"x": loss}, out
+
+    objective.train = lambda: None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    batches = (Batch(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), torch.arange(4)) for _ in range(20))
+    ctx = RunContext(recipe=None, data=None, device=torch.device("cpu"))
+    expected = (pytest.raises(AssertionError, match="a bug of the model's own") if how == "own bug" else
+                pytest.raises(NonFiniteLoss, match=f"within the first {3 if how == 'nan loss' else 4} steps"))
+    with expected:
+        train_one_epoch(model, objective, opt, sched, batches, ctx, steps=20, desc="s 1/1")
+
+
 # ---- YAML 1.2 and bounded input ---------------------------------------------------------
 
 def test_yaml_12_numbers_in_files_and_overrides(fmnist_root, recipe_file):
@@ -217,8 +252,13 @@ def test_params_and_macs_are_monotone_in_the_prune_ratio(round_to):
     for (p0, m0), (p1, m1) in zip(costs, costs[1:]):
         assert p1 <= p0 and m1 <= m0, costs
     assert costs[-1][0] < costs[0][0] / 10
+    # the message names the layer and the ways out: a lower ratio, that layer left whole or
+    # given its own ratio, finer rounding
+    says = (r"would leave layer '(\S+)' \(\d+ channels\) no channel; at most [\d.]+ for this model .*"
+            r"or leave it whole \(ignore: \['\1'\]\) or give it its own ratio \(layers: \{'\1': R\}\)"
+            + (", or lower round_to$" if round_to else "$"))
     for r in (top + 1e-4, 0.99, 0.999):
-        with pytest.raises(CompressError, match="would leave layer"):
+        with pytest.raises(CompressError, match=says):
             check_ratio(base, cfg, 10, r, "ratio")
 
 

@@ -270,8 +270,11 @@ def check_ratio(model, cfg, num_classes, ratio, field):
         raise CompressError(f"stages.{cfg.name}.round_to: {cfg.round_to} is wider than layer '{layer}' "
                             f"({c} channels); give round_to <= {c}")
     if int(c * (1 - ratio)) < (cfg.round_to or 1):
-        raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' no channel; "
-                            f"at most {top:.4f} for this model (with round_to {cfg.round_to or 1})")
+        # the ways out: a lower ratio, or that layer left whole / pruned less, or finer rounding
+        raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' ({c} channels) no "
+                            f"channel; at most {top:.4f} for this model (with round_to {cfg.round_to or 1}), "
+                            f"or leave it whole (ignore: ['{layer}']) or give it its own ratio "
+                            f"(layers: {{'{layer}': R}})" + (", or lower round_to" if (cfg.round_to or 1) > 1 else ""))
 
 
 def ratio_for_macs(model, cfg, input_shape, num_classes, target):
