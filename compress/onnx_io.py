@@ -452,9 +452,9 @@ def ort_op_counts(path) -> dict[str, int]:
     return counts
 
 
-def _optimized_op_types(model: str | bytes) -> list[str]:
-    """Op types, in order, of the graph onnxruntime runs for a file (path) or a serialized
-    model (bytes) after all graph optimizations."""
+def _optimized_graph(model: str | bytes) -> onnx.GraphProto:
+    """The graph onnxruntime runs for a file (path) or a serialized model (bytes) after all
+    graph optimizations."""
     with tempfile.TemporaryDirectory() as tmp:
         so = _session_options(None)
         so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
@@ -463,7 +463,62 @@ def _optimized_op_types(model: str | bytes) -> list[str]:
         except Exception as e:
             what = model if isinstance(model, str) else "the exported graph"
             raise CompressError(f"onnxruntime cannot load {what}: {_one_line(e)}") from e
-        return [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
+        return onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+
+
+def _optimized_op_types(model: str | bytes) -> list[str]:
+    """Op types, in order, of the graph onnxruntime runs after all graph optimizations."""
+    return [n.op_type for n in _optimized_graph(model).node]
+
+
+# Ops that only move or relabel data: not counted as float arithmetic in an INT8 graph.
+_LAYOUT_OPS = ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "ReorderInput",
+               "ReorderOutput")
+
+
+def float_islands(path) -> dict[str, int]:
+    """{op type: count} of the float ops onnxruntime runs *inside* an INT8 file's integer part
+    after graph optimization: each reads a DequantizeLinear of an integer op's output and leads
+    to a QuantizeLinear, because onnxruntime has no integer kernel for it (the HardSigmoid and
+    Mul of hard-swish, for instance). The float lead from the input, the float tail after the
+    last integer op, convolutions (see :func:`slow_integer_convs`) and layout ops are not
+    counted.
+
+    >>> float_islands("mobilenet_v3_int8.onnx")  # doctest: +SKIP
+    {'HardSigmoid': 24, 'Mul': 25}
+    """
+    g = _optimized_graph(str(path))
+    made_by = {o: n for n in g.node for o in n.output}
+    readers = collections.defaultdict(list)
+    for k, n in enumerate(g.node):
+        for i in n.input:
+            readers[i].append(k)
+    counted, counts = set(), collections.Counter()
+    for dq in g.node:
+        src = made_by.get(dq.input[0]) if dq.op_type == "DequantizeLinear" and dq.input else None
+        if src is None or src.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"):
+            continue   # a weight, or the input's quantization: the float lead follows
+        island, todo, requantized, seen = [], list(dq.output), False, set()
+        while todo:
+            for k in readers.get(todo.pop(), []):
+                n = g.node[k]
+                if k in seen or n.op_type == "DequantizeLinear":
+                    continue
+                seen.add(k)
+                if n.op_type == "QuantizeLinear":
+                    requantized = True
+                    continue
+                if n.op_type.startswith(("QLinear", "QGemm", "ConvInteger", "MatMulInteger")):
+                    continue
+                island.append(k)
+                todo.extend(n.output)
+        if requantized:
+            for k in island:
+                op = g.node[k].op_type
+                if k not in counted and "Conv" not in op and op not in _LAYOUT_OPS:
+                    counted.add(k)
+                    counts[op] += 1
+    return dict(counts)
 
 
 def int8_kernels(path) -> list[str]:

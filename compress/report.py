@@ -258,6 +258,12 @@ def _why_not_faster(report, export, batch, ms):
     vnni = report.get("environment", {}).get("vnni")
     macs = next((s.get("macs") for s in report["stages"] if s["name"] == export["model"]), None)
     slow = export.get("check", {}).get("slow_int8_convs")
+    islands = export.get("check", {}).get("float_ops")
+    if islands:
+        ops = " and ".join(f"{n} {op}" for op, n in islands.items())
+        return (f"because onnxruntime has no integer kernel for {ops} in it: each runs in float between a "
+                "DequantizeLinear and a QuantizeLinear, which cost more than the integer convolutions save"
+                + (f" (and {slow} of its integer convolutions have shapes it runs slower as INT8)" if slow else ""))
     if slow:
         ops = export.get("check", {}).get("ort_int8_ops", {})
         of = f" of its {ops['QLinearConv']}" if ops.get("QLinearConv") else ""

@@ -337,7 +337,57 @@ def test_cpu_model_and_kernel_flags(tmp_path, text, model, isa, vnni):
         assert line.endswith("(asimd asimddp i8mm bf16 sve)" if isa else "(flags unknown)")
 
 
+def _hard_swish_int8(path):
+    """A one-conv QDQ graph whose integer conv is followed by hard-swish (x * HardSigmoid(x)),
+    requantized: what torchvision's MobileNetV3 exports; returns `path`."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    c = lambda a, n: numpy_helper.from_array(np.asarray(a), n)   # noqa: E731
+    inits = [c(np.float32(0.02), "s"), c(np.uint8(128), "z"), c(np.float32(1 / 255), "ps"), c(np.uint8(0), "pz"),
+             c(rng.integers(-63, 64, (16, 16, 3, 3)).astype(np.int8), "wq"), c(np.full(16, 0.01, np.float32), "ws"),
+             c(np.zeros(16, np.int8), "wz"), c(np.zeros(16, np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "ps", "pz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "ps", "pz"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"], axis=0),
+             helper.make_node("Conv", ["xf", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c", "s", "z"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "s", "z"], ["cf"]),
+             helper.make_node("HardSigmoid", ["cf"], ["h"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["cf", "h"], ["hs"]),
+             helper.make_node("QuantizeLinear", ["hs", "s", "z"], ["hq"]),
+             helper.make_node("DequantizeLinear", ["hq", "s", "z"], ["wq2f"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w2"], axis=0),
+             helper.make_node("Conv", ["wq2f", "w2", "b"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["c2", "s", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    return path
+
+
+def test_float_islands_counts_the_float_ops_inside_the_integer_part(tmp_path):
+    # hard-swish between two integer convs has no integer kernel in onnxruntime: its HardSigmoid
+    # and Mul run in float between a DequantizeLinear and a QuantizeLinear; the VGG student's
+    # float stem (before the first integer op) and float tail are not such islands
+    import torch
+
+    from compress.onnx_io import float_islands, ort_op_counts
+
+    path = _hard_swish_int8(tmp_path / "hs.onnx")
+    assert ort_op_counts(path).get("QLinearConv") == 2
+    assert float_islands(path) == {"HardSigmoid": 1, "Mul": 1}
+    pixels = torch.rand(1, 8, 1, 28, 28)
+    _int8_of_vgg(tmp_path / "vgg.onnx", pixels, float_stem=True)
+    assert "Conv" in ort_op_counts(tmp_path / "vgg.onnx")     # its float stem is there ...
+    assert float_islands(tmp_path / "vgg.onnx") == {}          # ... and not counted
+
+
 @pytest.mark.parametrize("vnni, batch, says", [
+    ([], "b64", "onnxruntime has no integer kernel for 24 HardSigmoid and 24 Mul in it"),
     ([], "b64", "this CPU has no VNNI"),
     (["avx512_vnni"], "b1", "a call this short (0.050 ms) is dominated by fixed costs"),
     (["avx512_vnni"], "b64", "the model has only 1.6M multiply-adds per image"),
@@ -350,6 +400,9 @@ def test_report_says_why_int8_is_not_faster(vnni, batch, says):
     export = {"model": "qat"}
     if "integer convolutions" in says:   # the export counted them: the first reason given
         export["check"] = {"slow_int8_convs": 19, "ort_int8_ops": {"QLinearConv": 57}}
+    if "HardSigmoid" in says:           # float ops inside the integer part come before them
+        export["check"] = {"float_ops": {"HardSigmoid": 24, "Mul": 24}, "slow_int8_convs": 2}
+        assert "(and 2 of its integer convolutions" in _why_not_faster(report, export, batch, 0.05)
     assert says in _why_not_faster(report, export, batch, 0.05)
 
 

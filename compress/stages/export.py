@@ -19,7 +19,7 @@ from ..config import Spec, StageSpec, stage_ref
 from ..data import iterate
 from ..errors import CompressError
 from ..onnx_io import (check_fp32_parity, check_int8_agreement, check_int8_kernels, export_onnx,
-                       ort_latency_side_by_side, ort_logits, slow_integer_convs)
+                       float_islands, ort_latency_side_by_side, ort_logits, slow_integer_convs)
 from .. import quant
 from ..quant import QuantSpec, calibrate, is_quantized, quantize_model, to_int8_module
 from . import StageResult, register
@@ -130,6 +130,9 @@ def run(cfg, ctx):
             slow = slow_integer_convs(path)
             if slow:
                 check["slow_int8_convs"] = slow
+            islands = float_islands(path)
+            if islands:
+                check["float_ops"] = islands
             if not is_quantized(model):
                 check["post_training"] = True
         top1 = 100.0 * float((logits.argmax(1) == labels).mean())
