@@ -196,6 +196,9 @@ def test_a_group_torch_pruning_skips_is_an_error_not_silence():
     (["stem.0", "res.1"], r"^stages\.prune\.ignore\[1\]: 'res\.1' is a BatchNorm2d"),
     (["stem.9"], r"^stages\.prune\.ignore\[0\]: no layer 'stem\.9' \(did you mean 'stem\.0'\?\); prunable layers: "
                  r"stem\.0, res\.0, br_a\.0, br_b\.0, dw\.0, pw\.0$"),
+    (["stem", "br_*.9"], r"^stages\.prune\.ignore\[1\]: pattern 'br_\*\.9' matches no Conv2d/Linear path; "
+                         r"prunable layers: stem\.0, res\.0, br_a\.0, br_b\.0, dw\.0, pw\.0$"),
+    (["br_?"], r"^stages\.prune\.ignore\[0\]: pattern 'br_\?' matches no Conv2d/Linear path"),   # blocks: by path
 ])
 def test_ignore_names_something_pruning_narrows(ignore, message):
     from compress.stages.prune import check_ignore
@@ -203,6 +206,28 @@ def test_ignore_names_something_pruning_narrows(ignore, message):
     with pytest.raises(CompressError, match=message):
         check_ignore(Branchy(), prune_cfg(ignore=ignore), NCLS)
     check_ignore(Branchy(), prune_cfg(ignore=["stem", "br_a.0"]), NCLS)   # a block, a conv: fine
+    check_ignore(Branchy(), prune_cfg(ignore=["br_?.0", "*w.*"]), NCLS)   # patterns that match convs
+
+
+def test_an_ignore_pattern_leaves_whole_exactly_the_layers_it_matches():
+    from compress.stages.prune import ignore_hint, left_whole
+
+    model = Branchy()
+    whole = {id(m) for m in left_whole(model, prune_cfg(ignore=["br_?.0", "[dp]w.*"]), NCLS)}
+    assert whole == {id(m) for m in (model.br_a[0], model.br_b[0], model.dw[0], model.pw[0], model.fc)}
+    widths = {}
+    for ignore in (["br_?.0"], ["br_a.0", "br_b.0"]):
+        m = Branchy()
+        prune_model(m, prune_cfg(ignore=ignore, layers={"stem.0": 0.5, "res.0": 0.5}), SHAPE, NCLS, 0.5)
+        widths[ignore[0]] = [c.out_channels for c in convs(m)]
+    assert widths["br_?.0"] == widths["br_a.0"] == [8, 8, 16, 16, 32, 16]
+    # the hint names the pattern only where more layers end alike, and never '*.0'
+    assert ignore_hint(model, "br_a.0") == "ignore: ['br_a.0']"
+    vgg, _ = tiny_vgg()
+    assert ignore_hint(vgg, "features.0") == "ignore: ['features.0']"
+    mnv3 = build_model({"arch": "torchvision:mobilenet_v3_small", "args": {"in_channels": 1, "num_classes": NCLS}})
+    assert ignore_hint(mnv3, "features.1.block.1.fc1") == (     # its squeeze-excitation convs
+        "ignore: ['features.1.block.1.fc1'], or ['*.fc1'] for all 9 alike")
 
 
 def test_l1_keeps_largest_filters():

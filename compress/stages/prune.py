@@ -1,6 +1,7 @@
 """`prune`: structured channel pruning, a thin layer over torch-pruning's BasePruner."""
 
 import copy
+import fnmatch
 from typing import Literal, Optional
 
 import torch
@@ -37,7 +38,8 @@ class PruneStage(StageSpec):
     importance: str = "l1"
     global_: bool = Field(False, alias="global", description="rank channels across layers")
     steps: int = Field(1, ge=1, description="iterative pruning steps (torch-pruning iterative_steps)")
-    ignore: list[str] = Field([], description="module paths left whole, besides the classifier")
+    ignore: list[str] = Field([], description="module paths left whole, besides the classifier; a path with "
+                              "* ? or [ ] is a pattern naming every Conv2d/Linear whose path matches")
     round_to: Optional[int] = Field(None, ge=1, description="keep channel counts a multiple of this")
     layers: dict[str, float] = Field({}, description="per-layer ratios (module path -> fraction of its "
                                      "output channels removed) that replace `ratio` for those layers")
@@ -83,9 +85,34 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     return model
 
 
+def is_pattern(path):
+    """An `ignore` entry with a shell wildcard (``*.fc1``, ``layer?.0.conv[12]``)."""
+    return any(c in path for c in "*?[")
+
+
+def matching_layers(model, pattern):
+    """The Conv2d/Linear layers whose module paths match `pattern` (fnmatch, case-sensitive;
+    ``*`` crosses dots), in model order."""
+    return [m for path, m in model.named_modules() if path and prunable(m) and fnmatch.fnmatchcase(path, pattern)]
+
+
 def left_whole(model, cfg, num_classes):
-    """The modules pruning never narrows: the classifier and the `ignore` paths."""
-    return classifier_layers(model, num_classes) + [resolve(model, p, "ignore") for p in cfg.ignore]
+    """The modules pruning never narrows: the classifier and the `ignore` paths (a pattern:
+    every Conv2d/Linear it matches)."""
+    out = classifier_layers(model, num_classes)
+    for p in cfg.ignore:
+        out += matching_layers(model, p) if is_pattern(p) else [resolve(model, p, "ignore")]
+    return out
+
+
+def ignore_hint(model, layer):
+    """How to leave `layer` whole: ``ignore: ['<layer>']``, and where more layers end in the
+    same name (the squeeze-excitation convs of every block, say) the pattern for all of them."""
+    hint = f"ignore: ['{layer}']"
+    last = layer.rsplit(".", 1)[-1]
+    pattern = f"*.{last}" if "." in layer and not last.isdigit() else None   # not '*.0': any Sequential's first
+    alike = len(matching_layers(model, pattern)) if pattern else 0
+    return hint + (f", or ['{pattern}'] for all {alike} alike" if alike > 1 else "")
 
 
 def width(m):
@@ -117,6 +144,13 @@ def check_ignore(model, cfg, num_classes):
     ignoring a ReLU or a pool would silently change nothing."""
     for i, p in enumerate(cfg.ignore):
         where = f"stages.{cfg.name}.ignore[{i}]"
+        if is_pattern(p):
+            if not matching_layers(model, p):
+                classifier = {id(m) for m in classifier_layers(model, num_classes)}
+                valid = [q for q, m in model.named_modules() if prunable(m) and id(m) not in classifier]
+                raise CompressError(f"{where}: pattern '{p}' matches no Conv2d/Linear path; prunable layers: "
+                                    f"{_listing(valid)}")
+            continue
         m = resolve_layer(model, p, where, num_classes)
         if not any(prunable(x) for x in m.modules()):
             raise CompressError(f"{where}: '{p}' is a {type(m).__name__}, with no Conv2d/Linear to leave whole; "
@@ -268,12 +302,12 @@ def check_ratio(model, cfg, num_classes, ratio, field):
     c = width(model.get_submodule(layer))
     if c < (cfg.round_to or 1):
         raise CompressError(f"stages.{cfg.name}.round_to: {cfg.round_to} is wider than layer '{layer}' "
-                            f"({c} channels); give round_to <= {c}")
+                            f"({c} channels); give round_to <= {c} or leave it whole ({ignore_hint(model, layer)})")
     if int(c * (1 - ratio)) < (cfg.round_to or 1):
         # the ways out: a lower ratio, or that layer left whole / pruned less, or finer rounding
         raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' ({c} channels) no "
                             f"channel; at most {top:.4f} for this model (with round_to {cfg.round_to or 1}), "
-                            f"or leave it whole (ignore: ['{layer}']) or give it its own ratio "
+                            f"or leave it whole ({ignore_hint(model, layer)}) or give it its own ratio "
                             f"(layers: {{'{layer}': R}})" + (", or lower round_to" if (cfg.round_to or 1) > 1 else ""))
 
 
