@@ -301,8 +301,11 @@ def check_ratio(model, cfg, num_classes, ratio, field):
     # (exact at boundaries such as 16 channels, ratio 0.5, round_to 8, which `top` excludes)
     c = width(model.get_submodule(layer))
     if c < (cfg.round_to or 1):
+        # leaving the narrow layers whole helps only where round_to fits the others
+        fits = any(prunable(m) and width(m) >= cfg.round_to for m in model.modules())
         raise CompressError(f"stages.{cfg.name}.round_to: {cfg.round_to} is wider than layer '{layer}' "
-                            f"({c} channels); give round_to <= {c} or leave it whole ({ignore_hint(model, layer)})")
+                            f"({c} channels); give round_to <= {c}"
+                            + (f" or leave it whole ({ignore_hint(model, layer)})" if fits else ""))
     if int(c * (1 - ratio)) < (cfg.round_to or 1):
         # the ways out: a lower ratio, or that layer left whole / pruned less, or finer rounding
         raise CompressError(f"stages.{cfg.name}.{field}: {ratio:g} would leave layer '{layer}' ({c} channels) no "
