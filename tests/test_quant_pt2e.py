@@ -2,6 +2,7 @@
 torch-pruning, trained, converted, exported and run in onnxruntime; dispatch between the
 backends; checkpoints; validate refusing what torch.export cannot capture."""
 
+import copy
 import time
 
 import pytest
@@ -566,3 +567,56 @@ def test_unfreezing_bn_restores_batch_statistics_and_int8_needs_calibration():
     assert not any(bn_training())
     set_qat_phase(q, observers=True, bn_stats=True)
     assert all(bn_training())
+
+
+class _Noisy(nn.Module):
+    """A residual block with stochastic depth (torchvision's, or a noise layer of its own)."""
+
+    def __init__(self, own_noise=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, 1, 1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, 1, 1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.drop = torchvision.ops.StochasticDepth(0.5, "row")
+        self.own_noise = own_noise
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = x + self.drop(F.relu(self.bn2(self.conv2(x))))
+        if self.own_noise and self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_stochastic_depth_is_off_for_qat_and_never_reaches_eval_or_the_int8_file(tmp_path):
+    """A training-mode capture fixed torchvision's StochasticDepth into the graph, where no
+    mode switch removes it: evaluation and the exported INT8 file dropped residual branches at
+    random (torchvision's efficientnet_b0: 9 random masks in its file). It is switched off
+    for QAT; a noise layer compress does not know is refused in one line."""
+    import onnx
+
+    from compress.quant.pt2e import random_nodes
+
+    torch.manual_seed(0)
+    model = _Noisy()
+    q = quantize_model(model, QuantSpec(backend="pt2e"), (1, 8, 8))
+    assert model.drop.p == 0.5                                  # the user's model is left alone
+    assert random_nodes(q.gm) == []
+    x = torch.rand(16, 1, 8, 8)
+    q.train()
+    calibrate(q, [x])
+    q.eval()
+    with torch.no_grad():
+        assert torch.equal(q(x), q(x))                          # evaluation is deterministic
+    export_onnx(to_int8_module(q), tmp_path / "int8.onnx", input_shape=(1, 8, 8), mean=[0.5], std=[0.25],
+                metadata={})
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert not ops & {"RandomUniformLike", "RandomUniform", "Bernoulli", "RandomNormalLike"}, ops
+    # without the switch the graph would hold the random mask
+    gm = torch.export.export(copy.deepcopy(model).train(), (torch.rand(2, 1, 8, 8),)).module()
+    assert random_nodes(gm)
+    with pytest.raises(CompressError, match=r"^cannot quantize the model \(_Noisy\): in training mode it draws "
+                                            r"random numbers \(randn_like"):
+        quantize_model(_Noisy(own_noise=True), QuantSpec(backend="pt2e"), (1, 8, 8))

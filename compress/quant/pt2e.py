@@ -309,19 +309,57 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:240]
 
 
+# Random ops a training-mode capture can hold. torchao's move to eval mode rewrites dropout
+# (aten.dropout) only: any of these left in the graph would draw in evaluation and in the
+# exported file too.
+_RANDOM_OPS = ("bernoulli", "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "randperm",
+               "uniform", "normal", "multinomial", "exponential", "geometric", "cauchy", "log_normal")
+
+
+def _without_stochastic_depth(m: nn.Module) -> list[str]:
+    """Set the drop probability of `m`'s stochastic-depth layers (torchvision's
+    ``StochasticDepth``, timm's ``DropPath``) to 0, in place: a training-mode capture would
+    otherwise fix their random residual drop into the graph, where no mode switch removes it.
+    QAT then fine-tunes without it (as it does without dropout's effect on the exported file).
+    Returns their paths."""
+    paths = []
+    for path, mod in m.named_modules():
+        name = type(mod).__name__
+        if name == "StochasticDepth" and getattr(mod, "p", 0):
+            mod.p, _ = 0.0, paths.append(path)
+        elif name == "DropPath" and getattr(mod, "drop_prob", 0):
+            mod.drop_prob, _ = 0.0, paths.append(path)
+    return paths
+
+
+def random_nodes(gm: GraphModule) -> list[str]:
+    """Names of the nodes of a captured graph that draw random numbers (dropout aside)."""
+    return [n.name for n in gm.graph.nodes if n.op == "call_function"
+            and getattr(getattr(n.target, "_overloadpacket", None), "__name__", "").rstrip("_") in _RANDOM_OPS]
+
+
 def capture(model: nn.Module, input_shape) -> GraphModule:
     """``torch.export`` of `model` in training mode (BN on batch statistics, as QAT needs)
-    with a dynamic batch axis; CompressError with the exporter's reason if it cannot."""
+    with a dynamic batch axis, stochastic depth off (:func:`_without_stochastic_depth`);
+    CompressError with the exporter's reason if it cannot, or naming a layer that still draws
+    random numbers in training mode (its evaluation, and the INT8 file, would draw them too)."""
     m = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).train()
+    _without_stochastic_depth(m)
     # Batch 2: torch.export specializes a dimension whose example size is 0 or 1.
     example = torch.rand(2, *input_shape)
     try:
         with _quiet():
-            return torch.export.export(m, (example,),
-                                       dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+            gm = torch.export.export(m, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
     except Exception as e:  # the exporter raises many types; the user needs one line
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): torch.export "
                             f"cannot capture it ({_one_line(e)})") from None
+    drawn = random_nodes(gm)
+    if drawn:
+        raise CompressError(f"cannot quantize the model ({type(model).__name__}): in training mode it draws random "
+                            f"numbers ({', '.join(drawn[:4])}{' ...' if len(drawn) > 4 else ''}), which its "
+                            "evaluation and INT8 file would draw too; turn that layer off for QAT (dropout and "
+                            "stochastic depth are handled)")
+    return gm
 
 
 def _weight_fq(m: nn.Module) -> bool:
