@@ -66,6 +66,8 @@ def rebuild(spec):
         quant.setdefault("backend", "eager")
         # ... and from before float_convs, every conv was quantized.
         quant.setdefault("float_convs", "none")
+        # ... and from before integer_sigmoid, sigmoids and their products stayed float.
+        quant.setdefault("integer_sigmoid", False)
         model = quantize_model(model, QuantSpec(**quant), input_shape)
     return model
 

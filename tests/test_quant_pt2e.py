@@ -620,3 +620,63 @@ def test_stochastic_depth_is_off_for_qat_and_never_reaches_eval_or_the_int8_file
     with pytest.raises(CompressError, match=r"^cannot quantize the model \(_Noisy\): in training mode it draws "
                                             r"random numbers \(randn_like"):
         quantize_model(_Noisy(own_noise=True), QuantSpec(backend="pt2e"), (1, 8, 8))
+
+
+class _SiLUNet(nn.Module):
+    """SiLU convs and a squeeze-excitation gate (torchvision's, sigmoid-gated), as in
+    EfficientNet."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 16, 3, 1, 1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32)
+        self.se = torchvision.ops.SqueezeExcitation(32, 8, activation=nn.SiLU)
+        self.c3, self.b3 = nn.Conv2d(32, 32, 3, 1, 1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.silu(self.b1(self.c1(x)))
+        x = self.se(F.silu(self.b2(self.c2(x))))
+        x = F.silu(self.b3(self.c3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_silu_and_sigmoid_gates_run_as_integer_kernels(tmp_path, registered):
+    """SiLU split into x * sigmoid(x) and quantized apart (and the squeeze-excitation gate's
+    product): onnxruntime runs QLinearSigmoid and QLinearMul, with no float op left inside
+    the integer part, where before each ran in float between a DequantizeLinear and a
+    QuantizeLinear; the INT8 file agrees with the fake-quant model. Checkpoints from before
+    the option rebuild as they were trained (float sigmoid)."""
+    from compress.onnx_io import float_islands, ort_op_counts
+    from compress.quant.pt2e import capture, split_silu
+
+    torch.manual_seed(0)
+    model = _SiLUNet().eval()
+    gm = capture(model, (1, 16, 16))
+    x = torch.rand(8, 1, 16, 16)
+    before = gm(x)
+    assert split_silu(gm) == 4                              # 3 in the body, 1 in the gate's MLP
+    assert torch.allclose(gm(x), before, atol=1e-6)        # the split computes the same values
+    ops, files = {}, {}
+    for flag in (False, True):
+        q = quantize_model(model, QuantSpec(backend="pt2e", float_convs="none", integer_sigmoid=flag), (1, 16, 16))
+        calibrate(q, [torch.rand(32, 1, 16, 16) for _ in range(4)])
+        q.eval()
+        files[flag] = tmp_path / f"int8_{flag}.onnx"
+        export_onnx(to_int8_module(q), files[flag], input_shape=(1, 16, 16), mean=[0.5], std=[0.25], metadata={})
+        ops[flag] = ort_op_counts(files[flag])
+        assert check_int8_agreement(files[flag], q, torch.rand(64, 1, 16, 16), min_agreement=0.98) >= 0.98
+    assert ops[True].get("QLinearSigmoid") == 5 and ops[True].get("QLinearMul") == 5    # 4 SiLU + the gate
+    assert "Sigmoid" not in ops[True] and "Mul" not in ops[True] and float_islands(files[True]) == {}
+    assert float_islands(files[False]) == {"Sigmoid": 5, "Mul": 5}
+    assert ops[True]["QuantizeLinear"] < ops[False]["QuantizeLinear"]
+    # a checkpoint whose spec predates integer_sigmoid rebuilds with float sigmoids
+    registered("_test_silu", _SiLUNet)
+    q = quantize_model(model, QuantSpec(backend="pt2e", float_convs="none", integer_sigmoid=False), (1, 16, 16))
+    spec = {"arch": "_test_silu", "args": {}, "shapes": layer_shapes(model),
+            "quant": {"weight_bits": 7, "act_bits": 8, "backend": "pt2e", "input_shape": [1, 16, 16]}}
+    save_checkpoint(tmp_path / "old.pt", spec, q)
+    _, rebuilt = load_checkpoint(tmp_path / "old.pt")
+    assert not rebuilt.spec.integer_sigmoid
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), q.eval()(x))

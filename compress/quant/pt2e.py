@@ -126,6 +126,9 @@ _ADDS = (_ATEN.add.Tensor, _ATEN.add_.Tensor)
 _RELUS = (_ATEN.relu.default, _ATEN.relu_.default, _ATEN.hardtanh.default,
           _ATEN.hardtanh_.default, _ATEN.clamp.default, _ATEN.clamp_.default)
 # Averaging leaves the grid: a fresh activation quantizer follows.
+_SILUS = (_ATEN.silu.default, _ATEN.silu_.default)
+_SIGMOIDS = (_ATEN.sigmoid.default, _ATEN.sigmoid_.default)
+_MULS = (_ATEN.mul.Tensor, _ATEN.mul_.Tensor)
 _AVERAGING = (_ATEN.adaptive_avg_pool2d.default, _ATEN.avg_pool2d.default, _ATEN.mean.dim)
 # Value-preserving: the output stays on the input's grid and shares its quantizer.
 _PASSTHROUGH = (_ATEN.max_pool2d.default, _ATEN.flatten.using_ints, _ATEN.view.default,
@@ -218,6 +221,11 @@ def make_quantizer(spec):
                     _annotate(tail[-1], None, act)
                 elif n.target in _AVERAGING:
                     _annotate(n, {n.args[0]: act}, act)
+                elif spec.integer_sigmoid and n.target in _SIGMOIDS and isinstance(n.args[0], Node):
+                    _annotate(n, {n.args[0]: act}, act)               # QLinearSigmoid
+                elif (spec.integer_sigmoid and n.target in _MULS and all(isinstance(a, Node) for a in n.args[:2])
+                      and any(a.op == "call_function" and a.target in _SIGMOIDS for a in n.args[:2])):
+                    _annotate(n, {n.args[0]: act, n.args[1]: act}, act)   # a gate: QLinearMul
                 elif n.target in _PASSTHROUGH and isinstance(n.args[0], Node):
                     _annotate(n, {n.args[0]: act}, qz.SharedQuantizationSpec((n.args[0], n)))
                 elif n.target == _ATEN.cat.default:
@@ -362,6 +370,28 @@ def capture(model: nn.Module, input_shape) -> GraphModule:
     return gm
 
 
+def split_silu(gm: GraphModule) -> int:
+    """Rewrite each ``silu(x)`` of a captured graph as ``x * sigmoid(x)`` (the same values)
+    so that the sigmoid and the product can be quantized apart; returns how many."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in _SILUS:
+            x = n.args[0]
+            with gm.graph.inserting_before(n):
+                sig = gm.graph.call_function(_ATEN.sigmoid.default, (x,))
+                mul = gm.graph.call_function(_ATEN.mul.Tensor, (x, sig))
+            for new in (sig, mul):
+                new.meta = {k: v for k, v in n.meta.items() if k in ("val", "tensor_meta", "stack_trace",
+                                                                     "nn_module_stack", "source_fn_stack")}
+            n.replace_all_uses_with(mul)
+            gm.graph.erase_node(n)
+            count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 def _weight_fq(m: nn.Module) -> bool:
     return m.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -444,6 +474,8 @@ def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
     _, qpt2e, _ = _torchao()
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     gm = capture(model, input_shape)
+    if spec.integer_sigmoid:
+        split_silu(gm)
     quantizer = make_quantizer(spec)
     try:
         with _quiet():

@@ -30,6 +30,11 @@ class QuantSpec:
     float_layers: pt2e backend, when rebuilding a checkpoint: the module paths of the convs
         its ``auto`` lead kept float, kept float again whatever the rule now says (None: the
         rule decides).
+    integer_sigmoid: pt2e backend. SiLU is split into ``x * sigmoid(x)`` and every sigmoid
+        and every product with a sigmoid (SiLU, squeeze-excitation gates) gets uint8 input
+        and output quantizers, so that onnxruntime runs them as QLinearSigmoid and
+        QLinearMul instead of float ops between a DequantizeLinear and a QuantizeLinear.
+        False: they stay float (checkpoints from before this option).
 
     >>> QuantSpec(weight_bits=8).weight_bits
     8
@@ -41,6 +46,7 @@ class QuantSpec:
     backend: str = "auto"
     float_convs: str = "auto"
     float_layers: tuple | None = None
+    integer_sigmoid: bool = True
 
     def __post_init__(self):
         # Weights are stored as int8 and activations as uint8, so neither may exceed 8.

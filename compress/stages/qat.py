@@ -110,6 +110,7 @@ def run(cfg, ctx):
         quant["input_shape"] = list(ctx.data.input_shape)
         quant["float_convs"] = cfg.float_convs
         quant["float_layers"] = list(qmodel.float_layers)   # rebuilt as trained, whatever the rule
+        quant["integer_sigmoid"] = cfg.quant.integer_sigmoid
     spec = {**copy.deepcopy(src.spec), "quant": quant}
     return StageResult(spec=spec, model=qmodel,
                        metrics=describe(qmodel, ctx, cost_model=float_model, history=history),
