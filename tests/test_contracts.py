@@ -92,10 +92,22 @@ def test_diverging_training_stops_the_stage_in_one_line(tmp_path, fmnist_root, r
     assert not (tmp_path / "exports" / "tiny" / "report.json").exists()
 
 
+def _one_epoch(model, objective, lr, steps):
+    """`train_one_epoch` of `model` (2 inputs) over `steps` batches of 4 ones, SGD at `lr`."""
+    from compress.engine import RunContext, train_one_epoch
+
+    objective.train = lambda: None
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    batches = (Batch(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), torch.arange(4)) for _ in range(steps))
+    ctx = RunContext(recipe=None, data=None, device=torch.device("cpu"))
+    return train_one_epoch(model, objective, opt, sched, batches, ctx, steps=steps, desc="s 1/1")
+
+
 def test_non_finite_flag_stops_within_fifty_steps():
     """The loop checks finiteness where it already syncs: a NaN at step 3 of 200 stops it at
     step 50, not after the epoch."""
-    from compress.engine import NonFiniteLoss, RunContext, train_one_epoch
+    from compress.engine import NonFiniteLoss
 
     model = torch.nn.Linear(2, 2)
     seen = []
@@ -106,13 +118,8 @@ def test_non_finite_flag_stops_within_fifty_steps():
         loss = out.sum() * (float("nan") if len(seen) == 3 else 1.0)
         return loss, {"x": loss}, out
 
-    objective.train = lambda: None
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    batches = (Batch(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), torch.arange(4)) for _ in range(200))
-    ctx = RunContext(recipe=None, data=None, device=torch.device("cpu"))
     with pytest.raises(NonFiniteLoss):
-        train_one_epoch(model, objective, opt, sched, batches, ctx, steps=200, desc="s 1/1")
+        _one_epoch(model, objective, 0.0, 200)
     assert len(seen) == 50
 
 
@@ -123,7 +130,7 @@ def test_a_forward_that_fails_on_diverged_state_is_the_divergence(how):
     NaN loss (the next step's weights are NaN), or where the loss stayed finite but a buffer
     went NaN in the failing forward itself (weights blown up to 1e20 overflow BatchNorm's
     statistics). A forward that fails on a finite model keeps its own error."""
-    from compress.engine import NonFiniteLoss, RunContext, train_one_epoch
+    from compress.engine import NonFiniteLoss
 
     model = torch.nn.Linear(2, 2)
     model.register_buffer("running", torch.zeros(2))
@@ -140,15 +147,10 @@ def test_a_forward_that_fails_on_diverged_state_is_the_divergence(how):
         loss = out.sum() * (float("nan") if how == "nan loss" and len(seen) == 3 else 1.0)
         return loss, {"x": loss}, out
 
-    objective.train = lambda: None
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    batches = (Batch(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), torch.arange(4)) for _ in range(20))
-    ctx = RunContext(recipe=None, data=None, device=torch.device("cpu"))
     expected = (pytest.raises(AssertionError, match="a bug of the model's own") if how == "own bug" else
                 pytest.raises(NonFiniteLoss, match=f"within the first {3 if how == 'nan loss' else 4} steps"))
     with expected:
-        train_one_epoch(model, objective, opt, sched, batches, ctx, steps=20, desc="s 1/1")
+        _one_epoch(model, objective, 0.1, 20)
 
 
 # ---- YAML 1.2 and bounded input ---------------------------------------------------------
