@@ -670,6 +670,11 @@ def test_silu_and_sigmoid_gates_run_as_integer_kernels(tmp_path, registered):
     assert "Sigmoid" not in ops[True] and "Mul" not in ops[True] and float_islands(files[True]) == {}
     assert float_islands(files[False]) == {"Sigmoid": 5, "Mul": 5}
     assert ops[True]["QuantizeLinear"] < ops[False]["QuantizeLinear"]
+    # a qat stage turns it off with `integer_sigmoid: false`
+    from compress.stages.qat import QATStage
+
+    assert QATStage(name="q", **{"from": "d"}).quant.integer_sigmoid
+    assert not QATStage(name="q", **{"from": "d"}, integer_sigmoid=False).quant.integer_sigmoid
     # a checkpoint whose spec predates integer_sigmoid rebuilds with float sigmoids
     registered("_test_silu", _SiLUNet)
     q = quantize_model(model, QuantSpec(backend="pt2e", float_convs="none", integer_sigmoid=False), (1, 16, 16))

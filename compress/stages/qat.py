@@ -41,6 +41,9 @@ class QATStage(StageSpec, TrainingSpec):
     float_convs: Literal["auto", "none"] = Field(
         "auto", description="pt2e backend: auto keeps a lead of the graph float over the convs onnxruntime "
         "runs slower in INT8 (onnx_io.integer_conv_slow); none quantizes every conv")
+    integer_sigmoid: bool = Field(
+        True, description="pt2e backend: SiLU split into x * sigmoid(x), sigmoids and sigmoid-gated products "
+        "quantized, so onnxruntime runs QLinearSigmoid/QLinearMul; false keeps them float")
 
     @model_validator(mode="after")
     def _check(self):
@@ -58,7 +61,7 @@ class QATStage(StageSpec, TrainingSpec):
     @property
     def quant(self):
         return QuantSpec(weight_bits=self.weight_bits, act_bits=self.act_bits, backend=self.backend,
-                         float_convs=self.float_convs)
+                         float_convs=self.float_convs, integer_sigmoid=self.integer_sigmoid)
 
 
 def quantize_for(cfg, model, input_shape):
