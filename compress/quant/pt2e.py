@@ -125,10 +125,12 @@ _ADDS = (_ATEN.add.Tensor, _ATEN.add_.Tensor)
 # (onnxruntime folds a Relu/Clip into the following QuantizeLinear).
 _RELUS = (_ATEN.relu.default, _ATEN.relu_.default, _ATEN.hardtanh.default,
           _ATEN.hardtanh_.default, _ATEN.clamp.default, _ATEN.clamp_.default)
-# Averaging leaves the grid: a fresh activation quantizer follows.
+# SiLU is split into x * sigmoid(x) (``split_silu``); sigmoids and the products they gate get
+# their own quantizers (onnxruntime: QLinearSigmoid, QLinearMul).
 _SILUS = (_ATEN.silu.default, _ATEN.silu_.default)
 _SIGMOIDS = (_ATEN.sigmoid.default, _ATEN.sigmoid_.default)
 _MULS = (_ATEN.mul.Tensor, _ATEN.mul_.Tensor)
+# Averaging leaves the grid: a fresh activation quantizer follows.
 _AVERAGING = (_ATEN.adaptive_avg_pool2d.default, _ATEN.avg_pool2d.default, _ATEN.mean.dim)
 # Value-preserving: the output stays on the input's grid and shares its quantizer.
 _PASSTHROUGH = (_ATEN.max_pool2d.default, _ATEN.flatten.using_ints, _ATEN.view.default,
@@ -330,13 +332,13 @@ def _without_stochastic_depth(m: nn.Module) -> list[str]:
     otherwise fix their random residual drop into the graph, where no mode switch removes it.
     QAT then fine-tunes without it (as it does without dropout's effect on the exported file).
     Returns their paths."""
+    knobs = {"StochasticDepth": "p", "DropPath": "drop_prob"}   # class name -> its drop probability
     paths = []
     for path, mod in m.named_modules():
-        name = type(mod).__name__
-        if name == "StochasticDepth" and getattr(mod, "p", 0):
-            mod.p, _ = 0.0, paths.append(path)
-        elif name == "DropPath" and getattr(mod, "drop_prob", 0):
-            mod.drop_prob, _ = 0.0, paths.append(path)
+        knob = knobs.get(type(mod).__name__)
+        if knob and getattr(mod, knob, 0):
+            setattr(mod, knob, 0.0)
+            paths.append(path)
     return paths
 
 

@@ -60,6 +60,8 @@ class QuantSpec:
             raise CompressError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.float_convs not in FLOAT_CONVS:
             raise CompressError(f"float_convs: must be one of {', '.join(FLOAT_CONVS)}, got {self.float_convs!r}")
+        if not isinstance(self.integer_sigmoid, bool):
+            raise CompressError(f"integer_sigmoid: must be true or false, got {self.integer_sigmoid!r}")
         if self.float_layers is not None:
             if not (isinstance(self.float_layers, (tuple, list))
                     and all(isinstance(p, str) for p in self.float_layers)):
