@@ -230,11 +230,15 @@ def cpu_line(info=None):
     return f"{model} ({' '.join(isa) if isa else 'no AVX2/AVX-512/NEON flags' if isa == [] else 'flags unknown'})"
 
 
-def cpu_vnni(cpuinfo="/proc/cpuinfo"):
-    """The VNNI flags the CPU reports (avx512_vnni, avx_vnni, amx_int8), [] when none, None
-    when unknown (no /proc/cpuinfo)."""
-    isa = cpu_info(cpuinfo)["isa"]
+def vnni_of(isa):
+    """The VNNI flags (avx512_vnni, avx_vnni, amx_int8) among `isa` (cpu_info's), sorted;
+    None when `isa` is."""
     return None if isa is None else sorted(f for f in isa if f in VNNI_FLAGS)
+
+
+def cpu_vnni(cpuinfo="/proc/cpuinfo"):
+    """The VNNI flags the CPU reports, [] when none, None when unknown (no /proc/cpuinfo)."""
+    return vnni_of(cpu_info(cpuinfo)["isa"])
 
 
 def bench(path, batches=(1, 64), threads=None, runs=50):

@@ -16,7 +16,7 @@ import torch
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
-from .commands import cpu_info, cpu_vnni
+from .commands import cpu_info, vnni_of
 from .config import TrainingSpec
 from .data import load_data
 from .engine import NonFiniteLoss, RunContext, tune_allocator, use_bf16
@@ -278,7 +278,7 @@ def build_report(recipe, ctx, wall):
                         "threads": torch.get_num_threads(), "processes": distributed.world_size(),
                         "allocator": tune_allocator(),
                         # VNNI decides whether onnxruntime's integer kernels pay (report.md says so)
-                        "vnni": cpu_vnni()},
+                        "vnni": vnni_of(cpu["isa"])},
     }
     return Report.model_validate(report).model_dump(mode="json")   # the schema `report` reads back
 

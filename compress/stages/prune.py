@@ -128,12 +128,17 @@ def _listing(paths, limit=30):
     return ", ".join(paths[:limit]) + (f" ... ({len(paths)} in all)" if len(paths) > limit else "")
 
 
+def prunable_paths(model, num_classes):
+    """Module paths of the model's prunable layers: its Conv2d/Linear but the classifier."""
+    classifier = {id(m) for m in classifier_layers(model, num_classes)}
+    return [p for p, m in model.named_modules() if prunable(m) and id(m) not in classifier]
+
+
 def resolve_layer(model, path, where, num_classes):
     """The module a `layers` / `ignore` entry names (a module path or feature point), or a
     CompressError listing the model's prunable layers (its Conv2d/Linear but the classifier)."""
     if resolve_point(model, path) is None:
-        classifier = {id(m) for m in classifier_layers(model, num_classes)}
-        valid = [p for p, m in model.named_modules() if prunable(m) and id(m) not in classifier]
+        valid = prunable_paths(model, num_classes)
         raise CompressError(f"{where}: no layer '{path}'{did_you_mean(path, valid)}; prunable layers: "
                             f"{_listing(valid)}")
     return resolve(model, path, where)
@@ -146,10 +151,8 @@ def check_ignore(model, cfg, num_classes):
         where = f"stages.{cfg.name}.ignore[{i}]"
         if is_pattern(p):
             if not matching_layers(model, p):
-                classifier = {id(m) for m in classifier_layers(model, num_classes)}
-                valid = [q for q, m in model.named_modules() if prunable(m) and id(m) not in classifier]
                 raise CompressError(f"{where}: pattern '{p}' matches no Conv2d/Linear path; prunable layers: "
-                                    f"{_listing(valid)}")
+                                    f"{_listing(prunable_paths(model, num_classes))}")
             continue
         m = resolve_layer(model, p, where, num_classes)
         if not any(prunable(x) for x in m.modules()):
