@@ -133,10 +133,79 @@ class Branchy(nn.Module):
 def test_dependency_groups_name_coupled_and_concatenated_layers():
     from compress.stages.prune import dependency_groups
 
-    groups = {tuple(p for p, _ in members): channels for channels, members in dependency_groups(Branchy(), SHAPE)}
-    assert groups[("stem.0", "res.0")] == 16                  # residual add: equal widths, one set of channels
-    assert groups[("br_a.0", "br_b.0", "dw.0")] == 32          # concatenated: one group as wide as both
-    assert groups[("pw.0",)] == 32 and groups[("fc",)] == NCLS
+    def listed(model):
+        return {tuple(p for p, _ in members): (channels, n) for channels, members, n in dependency_groups(model, SHAPE)}
+
+    groups = listed(Branchy())
+    assert groups[("stem.0", "res.0")] == (16, 1)             # residual add: equal widths, one set of channels
+    assert groups[("br_a.0", "br_b.0", "dw.0")] == (32, 1)     # concatenated: one group as wide as both
+    assert groups[("pw.0",)] == (32, 1) and groups[("fc",)] == (NCLS, 1)   # depthwise: not channel groups
+    groups = listed(Grouped())
+    assert groups[("a.0",)] == groups[("b.0",)] == (64, 16)   # the grouped conv's input, its output channels
+    assert groups[("c.0",)] == (32, 8)                         # GroupNorm(8)
+
+
+class Grouped(nn.Module):
+    """A ResNeXt-style grouped conv (16 groups of 4 channels) and a GroupNorm(8) layer."""
+
+    def __init__(self, groups=16, width=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Sequential(nn.Conv2d(SHAPE[0], width, 1), nn.BatchNorm2d(width), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=groups), nn.BatchNorm2d(width), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(width, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU())
+        self.fc = nn.Linear(32, NCLS)
+
+    def forward(self, x):
+        return self.fc(self.c(self.b(self.a(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("ratio, widths", [(0.5, (32, 32, 16)), (0.6, (16, 16, 8)), (0.3, (32, 32, 16))])
+def test_round_to_holds_for_grouped_convs_and_group_norm(ratio, widths):
+    """torch-pruning 1.6 left such layers whole under round_to (it rounds the per-group count
+    against the whole width); here every group is narrowed to a multiple of round_to that
+    splits evenly into its groups: 16 groups keep 2 of 4 each at 0.5, 1 at 0.6, and at 0.3
+    (int(4 * 0.7) = 2) 2; GroupNorm(8)'s 32 channels keep 16, 8, 16 (8 x 2, 8 x 1: 16 and 8
+    are multiples of 8, where 0.3's 22 would not be)."""
+    from compress.stages.prune import check_coupling, check_outcome
+
+    model, cfg = Grouped(), prune_cfg(ratio=ratio, round_to=8)
+    groups = check_coupling(model, cfg, SHAPE, NCLS)
+    prune_model(model, cfg, SHAPE, NCLS, ratio)
+    check_outcome(groups, model, cfg, NCLS, ratio)
+    assert (model.a[0].out_channels, model.b[0].out_channels, model.c[0].out_channels) == widths
+    assert model.b[0].groups == 16 and model.c[1].num_groups == 8 and model.c[1].num_channels == widths[2]
+    assert model(torch.zeros(2, *SHAPE)).shape == (2, NCLS)
+
+
+def test_round_to_that_no_grouped_width_can_meet_is_refused_with_one_that_can():
+    """13 groups of 8 channels keep as many each: at ratio 0.5 (4 each) only all 104 are a
+    multiple of 8, so the layer cannot be narrowed; round_to 4 can (52)."""
+    from compress.stages.prune import check_coupling, check_outcome
+
+    model, cfg = Grouped(groups=13, width=104), prune_cfg(round_to=8)
+    groups = check_coupling(model, cfg, SHAPE, NCLS)
+    prune_model(model, cfg, SHAPE, NCLS, 0.5)
+    assert model.b[0].out_channels == 104 and model.c[0].out_channels == 16
+    with pytest.raises(CompressError, match=r"^stages\.prune\.round_to: 8 cannot hold for 'a\.0' \(and 1 more "
+                                            r"such groups\): 13 groups of 8 channels \(a grouped conv or GroupNorm\) "
+                                            r"keep as many each, and at ratio 0\.5 no count under 8 makes a multiple "
+                                            r"of 8; round_to 4 lets all be narrowed, or leave them whole "
+                                            r"\(ignore: \['a\.0'\]\)$"):
+        check_outcome(groups, model, cfg, NCLS, 0.5)
+    model, cfg = Grouped(groups=13, width=104), prune_cfg(round_to=4)
+    groups = check_coupling(model, cfg, SHAPE, NCLS)
+    prune_model(model, cfg, SHAPE, NCLS, 0.5)
+    check_outcome(groups, model, cfg, NCLS, 0.5)
+    assert model.b[0].out_channels == 52 and model.b[0].groups == 13
+
+
+def test_round_to_with_global_ranking_of_grouped_convs_is_refused():
+    from compress.stages.prune import check_coupling
+
+    with pytest.raises(CompressError, match=r"^stages\.prune\.round_to: 8 cannot hold with global: true for 'a\.0' "
+                                            r"\(a grouped conv or GroupNorm\).*; drop round_to or global$"):
+        check_coupling(Grouped(), prune_cfg(round_to=8, **{"global": True}), SHAPE, NCLS)
 
 
 @pytest.mark.parametrize("kw, message", [

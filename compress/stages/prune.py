@@ -1,6 +1,7 @@
 """`prune`: structured channel pruning, a thin layer over torch-pruning's BasePruner."""
 
 import copy
+import math
 import fnmatch
 from typing import Literal, Optional
 
@@ -76,13 +77,62 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     example = torch.zeros(1, *input_shape)
     ignored = left_whole(model, cfg, num_classes)
     per_layer = {resolve(model, p, f"stages.{cfg.name}.layers"): r for p, r in cfg.layers.items()}
+    round_to = cfg.round_to
+    if (round_to or 1) > 1 and not cfg.global_ and has_channel_groups(model):
+        # torch-pruning 1.6 rounds a grouped layer's per-group count against its whole width
+        # (ResNeXt's 32 groups of 4: 2 per group becomes 8, which empties every group, so it
+        # skips the layer): each group's ratio is rounded here instead, in its own arithmetic
+        per_layer, round_to = rounded_ratios(model, example, ignored, per_layer, ratio, round_to), None
     pruner = tp.pruner.BasePruner(
         model, example, importance=IMPORTANCES[cfg.importance](), global_pruning=cfg.global_,
         pruning_ratio=ratio, pruning_ratio_dict=per_layer or None, iterative_steps=cfg.steps,
-        ignored_layers=ignored, round_to=cfg.round_to)
+        ignored_layers=ignored, round_to=round_to)
     for _ in range(cfg.steps):
         pruner.step()
     return model
+
+
+def channel_groups(m):
+    """How many equal channel groups torch-pruning keeps `m`'s channels in: a grouped conv's
+    groups, a GroupNorm's; 1 for other layers and for depthwise convs (pruned channel by
+    channel with the layer before them)."""
+    if isinstance(m, nn.GroupNorm):
+        return m.num_groups
+    if isinstance(m, nn.Conv2d) and m.groups != m.out_channels:
+        return m.groups
+    return 1
+
+
+def has_channel_groups(model):
+    return any(channel_groups(m) > 1 for m in model.modules())
+
+
+def kept_per_group(size, groups, ratio, step):
+    """Channels each of `groups` equal groups of `size` keeps at `ratio`, as torch-pruning
+    counts them (int(size * (1 - ratio))), rounded down so that all groups together keep a
+    multiple of `step`."""
+    per = step // math.gcd(step, groups)
+    keep = int(size * (1 - ratio))
+    return keep - keep % per
+
+
+def rounded_ratios(model, example, ignored, per_layer, ratio, step):
+    """{layer: ratio} for every layer torch-pruning will narrow, such that its own count
+    (int(size * (1 - ratio)) per channel group) keeps a multiple of `step` channels in all:
+    `round_to` for models with grouped convs or GroupNorm. A group left as it is gets 0."""
+    dg = tp.DependencyGraph().build_dependency(model, example)
+    skipped = [x for m in ignored for x in m.modules()]
+    out = {}
+    for group in dg.get_all_groups(ignored_layers=skipped, root_module_types=[nn.Conv2d, nn.Linear]):
+        layers = [d.target.module for d, _ in group
+                  if prunable(d.target.module) and dg.is_out_channel_pruning_fn(d.handler)]
+        r = next((per_layer[m] for m in layers if m in per_layer), ratio)
+        groups = max(channel_groups(d.target.module) for d, _ in group)
+        size = len(group[0][1]) // groups
+        keep = kept_per_group(size, groups, r, step)
+        # half a channel over `keep`, so that float rounding cannot tip torch-pruning's int()
+        out.update({m: 1 - (keep + 0.5) / size if 0 < keep < size else 0.0 for m in layers})
+    return out
 
 
 def is_pattern(path):
@@ -166,11 +216,12 @@ def _names(members, limit=6):
 
 
 def dependency_groups(model, input_shape):
-    """torch-pruning's dependency groups, each as (channels, [(path, width), ...]): the
-    Conv2d/Linear layers whose output channels it removes together. Layers joined by a
-    residual add have the group's width (the same channels go from each); layers whose
-    outputs are concatenated and then read by an add or a depthwise conv share one group
-    as wide as their sum, which torch-pruning ranks, rounds and splits as a whole."""
+    """torch-pruning's dependency groups, each as (channels, [(path, width), ...], channel
+    groups): the Conv2d/Linear layers whose output channels it removes together, and into how
+    many equal groups a grouped conv or GroupNorm among them splits those channels. Layers
+    joined by a residual add have the group's width (the same channels go from each);
+    layers whose outputs are concatenated and then read by an add or a depthwise conv share
+    one group as wide as their sum, which torch-pruning ranks, rounds and splits as a whole."""
     dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *input_shape))
     names = {m: p for p, m in model.named_modules()}
     order = {p: i for i, p in enumerate(names.values())}
@@ -180,8 +231,9 @@ def dependency_groups(model, input_shape):
                   if prunable(d.target.module) and d.target.module in names
                   and dg.is_out_channel_pruning_fn(d.handler)}
         if layers:
-            groups.append((len(group[0][1]), sorted(layers.items(), key=lambda kv: order[kv[0]])))
-    return groups
+            groups.append((len(group[0][1]), sorted(layers.items(), key=lambda kv: order[kv[0]]),
+                           max(channel_groups(d.target.module) for d, _ in group)))
+    return sorted(groups, key=lambda g: order[g[1][0][0]])   # in model order, for messages
 
 
 def _roles(model, cfg, num_classes):
@@ -196,13 +248,19 @@ def _roles(model, cfg, num_classes):
 def check_coupling(model, cfg, input_shape, num_classes):
     """Refuse what torch-pruning would silently do otherwise with layers it prunes together:
     two different `layers` ratios in one group (one of them would win), a `layers` ratio for
-    a layer coupled with one left whole (nothing would be pruned), and `round_to` on layers
-    whose outputs are concatenated into one group (it rounds the group, not each layer).
+    a layer coupled with one left whole (nothing would be pruned), `round_to` on layers
+    whose outputs are concatenated into one group (it rounds the group, not each layer), and
+    `round_to` with global ranking on grouped convs or GroupNorm (it empties them).
     Returns the groups (:func:`dependency_groups`)."""
     where = f"stages.{cfg.name}"
     groups = dependency_groups(model, input_shape)
     given, whole = _roles(model, cfg, num_classes)
-    for channels, members in groups:
+    grouped = [members for _, members, n in groups if n > 1 and not any(p in whole for p, _ in members)]
+    if grouped and cfg.global_ and (cfg.round_to or 1) > 1:
+        raise CompressError(f"{where}.round_to: {cfg.round_to} cannot hold with global: true for {_names(grouped[0])} "
+                            "(a grouped conv or GroupNorm): torch-pruning rounds their per-group count against the "
+                            "whole width and empties them; drop round_to or global")
+    for channels, members, _ in groups:
         if len(members) < 2:
             continue
         asked = [given[p] for p, _ in members if p in given]
@@ -225,7 +283,7 @@ def spread_ratios(groups, model, cfg, num_classes):
     """Lines naming the layers a `layers` ratio also narrows because they are coupled with
     the layer it names (torch-pruning gives the whole group that ratio)."""
     given, lines = _roles(model, cfg, num_classes)[0], []
-    for _, members in groups:
+    for _, members, _ in groups:
         asked = [given[p] for p, _ in members if p in given]
         others = [(p, w) for p, w in members if p not in given]
         if asked and others:
@@ -237,23 +295,36 @@ def spread_ratios(groups, model, cfg, num_classes):
 def check_outcome(groups, model, cfg, num_classes, ratio):
     """After a local prune: no group the ratio asks to narrow was left whole (torch-pruning
     skips, without a word, a group in which removing the least important channels would
-    empty one of its layers, e.g. one branch of a concatenation)."""
+    empty one of its layers, e.g. one branch of a concatenation), and no grouped conv or
+    GroupNorm was left whole because no multiple of `round_to` splits into its groups."""
     if cfg.global_:
         return
     given, whole = _roles(model, cfg, num_classes)
     step = cfg.round_to or 1
-    for channels, members in groups:
+    stuck = []   # grouped layers that no multiple of round_to lets torch-pruning narrow
+    for channels, members, n in groups:
         if any(p in whole for p, _ in members):
             continue
         r = next((given[p][1] for p, _ in members if p in given), ratio)
-        keep = int(channels * (1 - r))
-        keep -= keep % step
+        size = channels // n
+        keep = kept_per_group(size, n, r, step) * n
+        if n > 1 and keep == 0 and int(size * (1 - r)) > 0:
+            stuck.append((members, n, size, r))
+            continue
         if 0 < keep < channels and all(width(model.get_submodule(p)) == w for p, w in members):
             what = (f"'{members[0][0]}'" if len(members) == 1 else
                     f"{_names(members)} ({'concatenated' if any(w != channels for _, w in members) else 'coupled'})")
             raise CompressError(f"stages.{cfg.name}: torch-pruning left {what} whole, though ratio {r:g} asks to "
                                 f"remove {channels - keep} of {channels} channels: the least important would empty "
                                 "a layer; give them a smaller ratio under `layers`, or `ignore` them")
+    if stuck:
+        members, n, size, r = stuck[0]
+        fits = next(k for k in range(step, 0, -1) if all(kept_per_group(sz, g, q, k) for _, g, sz, q in stuck))
+        more = f" (and {len(stuck) - 1} more such groups)" if len(stuck) > 1 else ""
+        raise CompressError(f"stages.{cfg.name}.round_to: {step} cannot hold for {_names(members)}{more}: {n} groups "
+                            f"of {size} channels (a grouped conv or GroupNorm) keep as many each, and at ratio {r:g} "
+                            f"no count under {size} makes a multiple of {step}; round_to {fits} lets all be "
+                            f"narrowed, or leave them whole ({ignore_hint(model, members[0][0])})")
 
 
 def largest_ratio(c, step):
@@ -358,8 +429,9 @@ def check_rebuild(rebuilt, pruned, input_shape, where):
 def _plan(cfg, inputs, build):
     """Check on the input's skeleton what `run` would fail on after training: the `ignore`
     paths exist, the ratio leaves every layer a channel, a MACs target is reachable, and a
-    trial prune with the stage's settings runs on torch-pruning's graph, still maps a batch
-    to logits and rebuilds bit-exactly from the recorded shapes. Returns the pruned skeleton."""
+    trial prune with the stage's settings runs on torch-pruning's graph, narrows every group
+    it asks to, still maps a batch to logits and rebuilds bit-exactly from the recorded
+    shapes. Returns the pruned skeleton."""
     skel = plan_student(cfg, inputs, build)
     shape, ncls = build.input_shape, build.num_classes
     where = f"stages.{cfg.name}"
@@ -372,8 +444,9 @@ def _plan(cfg, inputs, build):
             ratio = cfg.ratio
         else:
             ratio = ratio_for_macs(copy.deepcopy(skel).eval(), cfg, shape, ncls, cfg.target_macs)
-        check_coupling(skel, cfg, shape, ncls)
+        groups = check_coupling(skel, cfg, shape, ncls)
         prune_model(skel, cfg, shape, ncls, ratio)
+        check_outcome(groups, skel, cfg, ncls, ratio)
         out = skel.eval()(torch.zeros(2, *shape))
         if tuple(out.shape) != (2, ncls):
             raise ValueError(f"the pruned model maps a batch of 2 to logits of shape {tuple(out.shape)}")
