@@ -105,8 +105,13 @@ def _global_pools(proto: onnx.ModelProto) -> int:
     is what the exporter makes of ``AdaptiveAvgPool2d(1)``, as GlobalAveragePool: the same
     values, but onnxruntime fuses DequantizeLinear -> GlobalAveragePool -> QuantizeLinear
     into the integer QLinearGlobalAveragePool (in the NHWC layout of its QLinearConvs),
-    where a ReduceMean stays a float op between a dequantize and a quantize. Returns how
-    many nodes were rewritten."""
+    where a ReduceMean stays a float op between a dequantize and a quantize. Over a 1x1 map
+    (a 32x32 image through an ImageNet network) the mean is its input: an Identity, which
+    onnxruntime removes, and with it the dequantize / quantize pair around it (the op before
+    then writes straight to the pool's output scale: one rounding where the fake-quant model
+    rounds twice, so logits can move by one output step). The INT8 QLinearGlobalAveragePool
+    of a 64x256x1x1 batch took 0.21 ms of a ResNet-18's 2.5. Returns how many nodes were
+    rewritten."""
     g = proto.graph
     shapes = _shapes(proto)
     if shapes is None:
@@ -122,12 +127,75 @@ def _global_pools(proto: onnx.ModelProto) -> int:
         axes = consts.get(n.input[1])
         if attrs.get("keepdims", 1) != 1 or axes is None or sorted(int(a) % 4 for a in axes.ravel()) != [2, 3]:
             continue
-        n.op_type = "GlobalAveragePool"
+        n.op_type = "Identity" if shapes[n.input[0]][2:] == [1, 1] else "GlobalAveragePool"
         del n.input[1:]
         del n.attribute[:]
         done += 1
     if done:   # the axes those ReduceMeans read, if nothing else reads them
         _drop_unread_constants(g)
+    return done
+
+
+def _live_taps(size: int, out: int, kernel: int, stride: int, pad: int) -> tuple[int, int]:
+    """First and last kernel offsets along one axis that read an input position (not only
+    padding) for some output position."""
+    live = [k for k in range(kernel) if any(0 <= o * stride - pad + k < size for o in range(out))]
+    return (live[0], live[-1]) if live else (0, kernel - 1)
+
+
+def _crop_kernels(proto: onnx.ModelProto) -> int:
+    """Cut from each Conv's kernel the rows and columns that only ever multiply padding, and
+    its padding with them: the same sums without the zero terms (exactly the same in integer
+    arithmetic). A 3x3 conv (padding 1) on a 1x1 map becomes a 1x1 conv, a 3x3 stride-2 one
+    from a 2x2 map to a 1x1 map a 2x2 one: what the last stages of an ImageNet network do
+    to a 28x28 or 32x32 image. onnxruntime's integer convolutions compute the padding's
+    zero-point taps (its im2col fills them in), one image at a time. On torchvision's
+    ResNet-18 pruned to half width, 1x28x28 input, two threads, batch 64 (README, "Exported
+    files"), this and the Identity pool of :func:`_global_pools` took INT8 from 3.72 to 2.33
+    ms and FP32 from 3.97 to 3.65 ms. The weight is an initializer, or one
+    behind a DequantizeLinear (INT8), read by that conv alone; dilated convs and automatic
+    padding are left alone. Returns how many convs were cropped."""
+    g = proto.graph
+    shapes = _shapes(proto)
+    if shapes is None:
+        return 0
+    inits = {i.name: i for i in g.initializer}
+    made_by = {o: n for n in g.node for o in n.output}
+    readers = collections.Counter(i for n in g.node for i in n.input)
+    done = 0
+    for n in g.node:
+        if n.op_type != "Conv":
+            continue
+        x, y = shapes.get(n.input[0]), shapes.get(n.output[0])
+        if not x or not y or len(x) != 4 or len(y) != 4 or None in (*x[2:], *y[2:]):
+            continue
+        a = {t.name: onnx.helper.get_attribute_value(t) for t in n.attribute}
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(d != 1 for d in a.get("dilations", [1, 1])):
+            continue
+        w = n.input[1]
+        if w not in inits and w in made_by and made_by[w].op_type == "DequantizeLinear":
+            w = made_by[w].input[0]   # the int8 weights of a QDQ conv (per output channel: not spatial)
+        if w not in inits or readers[w] != 1 or readers[n.input[1]] != 1:
+            continue
+        weight = onnx.numpy_helper.to_array(inits[w])
+        (kh, kw), (sh, sw) = weight.shape[2:], a.get("strides", [1, 1])
+        top, left, bottom, right = a.get("pads", [0, 0, 0, 0])
+        r0, r1 = _live_taps(x[2], y[2], kh, sh, top)
+        c0, c1 = _live_taps(x[3], y[3], kw, sw, left)
+        if (r0, r1, c0, c1) == (0, kh - 1, 0, kw - 1):
+            continue
+        kh, kw, top, left = r1 - r0 + 1, c1 - c0 + 1, top - r0, left - c0
+        bottom = max(0, (y[2] - 1) * sh + kh - x[2] - top)
+        right = max(0, (y[3] - 1) * sw + kw - x[3] - left)
+        if (x[2] + top + bottom - kh) // sh + 1 != y[2] or (x[3] + left + right - kw) // sw + 1 != y[3]:
+            continue
+        inits[w].CopyFrom(onnx.numpy_helper.from_array(
+            np.ascontiguousarray(weight[:, :, r0:r1 + 1, c0:c1 + 1]), w))
+        kept = [t for t in n.attribute if t.name not in ("kernel_shape", "pads")]
+        del n.attribute[:]
+        n.attribute.extend([*kept, onnx.helper.make_attribute("kernel_shape", [kh, kw]),
+                            onnx.helper.make_attribute("pads", [top, left, bottom, right])])
+        done += 1
     return done
 
 
@@ -324,6 +392,7 @@ def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
     except Exception as e:  # the exporter raises many types; the user needs one line
         raise CompressError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from e
     _global_pools(proto)
+    _crop_kernels(proto)
     _nhwc_handoff(proto)
     _pixel_input(proto)
     _strip(proto)

@@ -870,3 +870,63 @@ def test_the_input_keeps_its_normalization_where_pixels_would_quantize_otherwise
     x[:, 0, 0, 0], x[:, 0, 0, 1] = lo, hi
     ops = [n.op_type for n in _int8_of_vgg(tmp_path / "int8.onnx", [x]).node]
     assert ops[:3] == ["Sub", "Div", "QuantizeLinear"], ops
+
+
+def _tiny_maps_net():
+    """Strided convs down to a 2x2 and then a 1x1 map, a 3x3 conv on that 1x1 map, a global
+    pool over it: what an ImageNet network's last stages do to a 28x28 image."""
+    import torch
+    from torch import nn
+
+    def cbr(i, o, stride):
+        return [nn.Conv2d(i, o, 3, stride, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*cbr(1, 16, 2), *cbr(16, 16, 2), *cbr(16, 32, 2), *cbr(32, 32, 2),   # 14, 7, 4, 2
+                        *cbr(32, 64, 2), *cbr(64, 64, 1),                                     # 1, 1
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    net.train()
+    with torch.no_grad():   # BatchNorm statistics of real activations, not the identity
+        net(torch.rand(64, 1, 28, 28))
+    return net.eval()
+
+
+def test_kernel_taps_that_only_read_padding_are_cut_from_the_exported_convs(tmp_path, monkeypatch):
+    import numpy as np
+    import onnx
+    import torch
+
+    import compress.onnx_io as oio
+    from compress.quant import QuantSpec, calibrate, quantize_model, to_int8_module
+
+    net = _tiny_maps_net()
+    images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    q = quantize_model(net, QuantSpec(backend="pt2e"), (1, 28, 28))
+    calibrate(q, [(images - 0.286) / 0.353])
+    kw = dict(input_shape=(1, 28, 28), mean=[0.286], std=[0.353], metadata={})
+
+    def export(name, crop):
+        monkeypatch.setattr(oio, "_crop_kernels", oio._crop_kernels if crop else (lambda proto: 0))
+        oio.export_onnx(net, tmp_path / f"{name}-fp32.onnx", **kw)
+        oio.export_onnx(to_int8_module(q), tmp_path / f"{name}-int8.onnx", **kw)
+
+    export("cut", True)
+    export("whole", False)
+    for fmt in ("fp32", "int8"):
+        graph = onnx.load(str(tmp_path / f"cut-{fmt}.onnx")).graph
+        convs = [{a.name: list(a.ints) for a in n.attribute} for n in graph.node if n.op_type == "Conv"]
+        # 2x2 -> 1x1 at stride 2 reads only the kernel's lower right 2x2; on the 1x1 map only its centre
+        assert [(c["kernel_shape"], c["pads"]) for c in convs[-2:]] == [([2, 2], [0, 0, 0, 0]), ([1, 1], [0, 0, 0, 0])]
+        assert all(c["kernel_shape"] == [3, 3] for c in convs[:-2]), fmt   # 4x4 -> 2x2 reads every tap
+        ops = [n.op_type for n in graph.node]
+        assert "Identity" in ops and not {"GlobalAveragePool", "ReduceMean"} & set(ops), fmt   # mean of 1x1
+    x = images.numpy()
+    # float: the same sums without zero terms; integer: the same integers
+    np.testing.assert_allclose(oio.ort_logits(tmp_path / "cut-fp32.onnx", x),
+                               oio.ort_logits(tmp_path / "whole-fp32.onnx", x), rtol=0, atol=1e-5)
+    oio.check_fp32_parity(tmp_path / "cut-fp32.onnx", net, images)
+    cut, whole = oio.ort_logits(tmp_path / "cut-int8.onnx", x), oio.ort_logits(tmp_path / "whole-int8.onnx", x)
+    assert np.abs(cut).max() > 0.1    # not a degenerate all-zero output
+    np.testing.assert_array_equal(cut, whole)
+    assert oio.check_int8_agreement(tmp_path / "cut-int8.onnx", q, images, min_agreement=1.0) == 1.0
+    assert oio.check_int8_kernels(tmp_path / "cut-int8.onnx", float_convs=1)["QLinearConv"] == 5   # stem float
