@@ -405,13 +405,51 @@ def test_float_lead_passes_an_integer_worthy_conv_to_reach_slow_ones_behind_it(t
         quantize_model(model, QuantSpec(float_layers=["lead.0", "body.0"]), shape)
 
 
-@pytest.mark.parametrize("pool, lead", [(nn.MaxPool2d(3, 2, 1), []), (nn.MaxPool2d(2, 2), ["0"])])
-def test_float_lead_never_ends_at_a_padded_max_pool(pool, lead):
+@pytest.mark.parametrize("width, pool, lead", [(32, nn.MaxPool2d(3, 2, 1), ["0"]), (24, nn.MaxPool2d(3, 2, 1), []),
+                                               (24, nn.MaxPool2d(2, 2), ["0"])])
+def test_float_lead_ends_at_a_padded_max_pool_only_where_the_export_hands_it_over(width, pool, lead):
     """onnxruntime would move the lead's quantization above a ResNet's 3x3/2 padded pool and run
-    it as a slow uint8 NCHW MaxPool: that stem stays integer; a VGG's 2x2/2 pool is fine."""
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), pool, nn.Conv2d(32, 32, 3, 1, 1), nn.ReLU(),
+    it as a slow uint8 NCHW MaxPool, unless the export hands the pool's output over in NHWC,
+    which it does over 16k channels: a 24-channel stem before such a pool stays integer; a
+    VGG's 2x2/2 pool is fine at any width."""
+    model = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1), nn.ReLU(), pool, nn.Conv2d(width, 32, 3, 1, 1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     assert quantize_model(model, QuantSpec(backend="pt2e"), (3, 16, 16)).float_layers == lead
+
+
+def test_a_float_stem_before_a_padded_pool_hands_over_in_nhwc(tmp_path, monkeypatch):
+    """A ResNet stem (1 input channel: slow as INT8) stays float; the export runs its ReLU after
+    the padded max-pool (the same values) so that the pool stays a float NCHWc op and the
+    integer part starts in NHWC: no uint8 MaxPool, no uint8 Transpose, the same logits."""
+    import numpy as np
+
+    import compress.onnx_io as oio
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(32, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(64, 1, 16, 16))
+    q = quantize_model(model.eval(), QuantSpec(backend="pt2e"), (1, 16, 16))
+    assert q.float_layers == ["0"]
+    x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    calibrate(q, [(x - 0.5) / 0.25])
+    kw = dict(input_shape=(1, 16, 16), mean=[0.5], std=[0.25], metadata={})
+    export_onnx(to_int8_module(q), tmp_path / "int8.onnx", **kw)
+    monkeypatch.setattr(oio, "_relu_after_pool", lambda g: 0)
+    export_onnx(to_int8_module(q), tmp_path / "before.onnx", **kw)
+    ops = oio._optimized_op_types(str(tmp_path / "int8.onnx"))
+    first, pool = ops.index("QuantizeLinear"), ops.index("QLinearGlobalAveragePool")
+    # float stem and pool, NHWC from the reorder on; the one Transpose is the pooled vector's
+    assert "MaxPool" in ops[:first] and "MaxPool" not in ops[first:] and "Transpose" not in ops[:pool], ops
+    before = oio._optimized_op_types(str(tmp_path / "before.onnx"))
+    assert before.index("MaxPool") > before.index("QuantizeLinear") and "Transpose" in before[:before.index("QLinearConv")]
+    images = x.numpy()
+    np.testing.assert_array_equal(oio.ort_logits(tmp_path / "int8.onnx", images),
+                                  oio.ort_logits(tmp_path / "before.onnx", images))
+    assert oio.check_int8_agreement(tmp_path / "int8.onnx", q, x, min_agreement=1.0) == 1.0
 
 
 def test_check_int8_kernels_refuses_a_float_graph(tmp_path):
