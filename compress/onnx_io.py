@@ -174,7 +174,8 @@ def _crop_kernels(proto: onnx.ModelProto) -> int:
         if not x or not y or len(x) != 4 or len(y) != 4 or None in (*x[2:], *y[2:]):
             continue
         a = {t.name: onnx.helper.get_attribute_value(t) for t in n.attribute}
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or any(d != 1 for d in a.get("dilations", [1, 1])):
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") \
+                or any(d != 1 for d in a.get("dilations", [1, 1])):
             continue
         w = n.input[1]
         if w not in inits and w in made_by and made_by[w].op_type == "DequantizeLinear":

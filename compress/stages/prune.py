@@ -1,8 +1,8 @@
 """`prune`: structured channel pruning, a thin layer over torch-pruning's BasePruner."""
 
 import copy
-import math
 import fnmatch
+import math
 from typing import Literal, Optional
 
 import torch
@@ -257,9 +257,9 @@ def check_coupling(model, cfg, input_shape, num_classes):
     given, whole = _roles(model, cfg, num_classes)
     grouped = [members for _, members, n in groups if n > 1 and not any(p in whole for p, _ in members)]
     if grouped and cfg.global_ and (cfg.round_to or 1) > 1:
-        raise CompressError(f"{where}.round_to: {cfg.round_to} cannot hold with global: true for {_names(grouped[0])} "
-                            "(a grouped conv or GroupNorm): torch-pruning rounds their per-group count against the "
-                            "whole width and empties them; drop round_to or global")
+        raise CompressError(f"{where}.round_to: {cfg.round_to} cannot hold with global: true for "
+                            f"{_names(grouped[0])} (a grouped conv or GroupNorm): torch-pruning rounds their "
+                            "per-group count against the whole width and empties them; drop round_to or global")
     for channels, members, _ in groups:
         if len(members) < 2:
             continue
