@@ -279,7 +279,7 @@ def test_ignore_names_something_pruning_narrows(ignore, message):
 
 
 def test_an_ignore_pattern_leaves_whole_exactly_the_layers_it_matches():
-    from compress.stages.prune import ignore_hint, left_whole
+    from compress.stages.prune import ignore_hint, left_whole, matching_layers
 
     model = Branchy()
     whole = {id(m) for m in left_whole(model, prune_cfg(ignore=["br_?.0", "[dp]w.*"]), NCLS)}
@@ -297,6 +297,10 @@ def test_an_ignore_pattern_leaves_whole_exactly_the_layers_it_matches():
     mnv3 = build_model({"arch": "torchvision:mobilenet_v3_small", "args": {"in_channels": 1, "num_classes": NCLS}})
     assert ignore_hint(mnv3, "features.1.block.1.fc1") == (     # its squeeze-excitation convs
         "ignore: ['features.1.block.1.fc1'], or ['*.fc1'] for all 9 alike")
+    # not a pattern that would leave most layers whole: every timm conv-norm-act block's '.conv'
+    regnet = build_model({"arch": "timm:regnetx_002", "args": {"in_channels": 1, "num_classes": NCLS}})
+    assert len(matching_layers(regnet, "*.conv")) == 44
+    assert ignore_hint(regnet, "s1.b1.conv1.conv") == "ignore: ['s1.b1.conv1.conv']"
 
 
 def test_l1_keeps_largest_filters():

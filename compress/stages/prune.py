@@ -157,12 +157,15 @@ def left_whole(model, cfg, num_classes):
 
 def ignore_hint(model, layer):
     """How to leave `layer` whole: ``ignore: ['<layer>']``, and where more layers end in the
-    same name (the squeeze-excitation convs of every block, say) the pattern for all of them."""
+    same name (the squeeze-excitation convs of every block, say) the pattern for all of them,
+    unless that name is so common that the pattern would leave most of the model whole
+    (timm's ``.conv`` of every conv-norm-act block)."""
     hint = f"ignore: ['{layer}']"
     last = layer.rsplit(".", 1)[-1]
     pattern = f"*.{last}" if "." in layer and not last.isdigit() else None   # not '*.0': any Sequential's first
     alike = len(matching_layers(model, pattern)) if pattern else 0
-    return hint + (f", or ['{pattern}'] for all {alike} alike" if alike > 1 else "")
+    targeted = 1 < alike and 2 * alike <= sum(prunable(m) for m in model.modules())
+    return hint + (f", or ['{pattern}'] for all {alike} alike" if targeted else "")
 
 
 def width(m):
