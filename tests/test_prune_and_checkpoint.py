@@ -188,9 +188,9 @@ def test_round_to_that_no_grouped_width_can_meet_is_refused_with_one_that_can():
     prune_model(model, cfg, SHAPE, NCLS, 0.5)
     assert model.b[0].out_channels == 104 and model.c[0].out_channels == 16
     with pytest.raises(CompressError, match=r"^stages\.prune\.round_to: 8 cannot hold for 'a\.0' \(and 1 more "
-                                            r"such groups\): 13 groups of 8 channels \(a grouped conv or GroupNorm\) "
-                                            r"keep as many each, and at ratio 0\.5 no count under 8 makes a multiple "
-                                            r"of 8; round_to 4 lets all be narrowed, or leave them whole "
+                                            r"such groups\): a grouped conv or GroupNorm splits the channels into 13 "
+                                            r"groups of 8, which keep as many each, and at ratio 0\.5 no count under 8 "
+                                            r"makes a multiple of 8; round_to 4 lets all be narrowed, or leave them whole "
                                             r"\(ignore: \['a\.0'\]\)$"):
         check_outcome(groups, model, cfg, NCLS, 0.5)
     model, cfg = Grouped(groups=13, width=104), prune_cfg(round_to=4)

@@ -324,10 +324,11 @@ def check_outcome(groups, model, cfg, num_classes, ratio):
         members, n, size, r = stuck[0]
         fits = next(k for k in range(step, 0, -1) if all(kept_per_group(sz, g, q, k) for _, g, sz, q in stuck))
         more = f" (and {len(stuck) - 1} more such groups)" if len(stuck) > 1 else ""
-        raise CompressError(f"stages.{cfg.name}.round_to: {step} cannot hold for {_names(members)}{more}: {n} groups "
-                            f"of {size} channels (a grouped conv or GroupNorm) keep as many each, and at ratio {r:g} "
-                            f"no count under {size} makes a multiple of {step}; round_to {fits} lets all be "
-                            f"narrowed, or leave them whole ({ignore_hint(model, members[0][0])})")
+        raise CompressError(f"stages.{cfg.name}.round_to: {step} cannot hold for {_names(members)}{more}: a "
+                            f"grouped conv or GroupNorm splits the channels into {n} groups of {size}, which keep as "
+                            f"many each, and at ratio {r:g} no count under {size} makes a multiple of {step}; "
+                            f"round_to {fits} lets all be narrowed, or leave them whole "
+                            f"({ignore_hint(model, members[0][0])})")
 
 
 def largest_ratio(c, step):
