@@ -426,8 +426,12 @@ def test_a_float_stem_before_a_padded_pool_hands_over_in_nhwc(tmp_path, monkeypa
     import compress.onnx_io as oio
 
     torch.manual_seed(0)
+    # down to a 1x1 map at the end, where the export also cuts the last conv's kernel: the
+    # hand-off must still see the graph's shapes after that rewrite
     model = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
-                          nn.Conv2d(32, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU(),     # 4x4
+                          nn.Conv2d(32, 32, 3, 4, 1), nn.BatchNorm2d(32), nn.ReLU(),     # 1x1, cut to 2x2
+                          nn.Conv2d(32, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(),     # 1x1, cut to 1x1
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
     model.train()
     with torch.no_grad():
@@ -440,10 +444,15 @@ def test_a_float_stem_before_a_padded_pool_hands_over_in_nhwc(tmp_path, monkeypa
     export_onnx(to_int8_module(q), tmp_path / "int8.onnx", **kw)
     monkeypatch.setattr(oio, "_relu_after_pool", lambda g: 0)
     export_onnx(to_int8_module(q), tmp_path / "before.onnx", **kw)
+    import onnx
+
+    kernels = [[a.ints for a in n.attribute if a.name == "kernel_shape"][0]
+               for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node if n.op_type == "Conv"]
+    assert kernels[1:] == [[3, 3], [2, 2], [1, 1]], kernels    # 4x4 -> 1x1 at stride 4 reads 2x2 of it
     ops = oio._optimized_op_types(str(tmp_path / "int8.onnx"))
-    first, pool = ops.index("QuantizeLinear"), ops.index("QLinearGlobalAveragePool")
-    # float stem and pool, NHWC from the reorder on; the one Transpose is the pooled vector's
-    assert "MaxPool" in ops[:first] and "MaxPool" not in ops[first:] and "Transpose" not in ops[:pool], ops
+    first, last = ops.index("QuantizeLinear"), len(ops) - 1 - ops[::-1].index("QLinearConv")
+    # float stem and pool, NHWC from the reorder on, to the last integer conv
+    assert "MaxPool" in ops[:first] and "MaxPool" not in ops[first:] and "Transpose" not in ops[:last], ops
     before = oio._optimized_op_types(str(tmp_path / "before.onnx"))
     assert before.index("MaxPool") > before.index("QuantizeLinear") and "Transpose" in before[:before.index("QLinearConv")]
     images = x.numpy()
