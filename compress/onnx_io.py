@@ -89,14 +89,10 @@ def _strip(proto: onnx.ModelProto) -> None:
 
 
 def _shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]] | None:
-    """{value name: dims (None where symbolic, such as the batch)} by ONNX shape inference,
-    from the graph alone (the exporter's value_info goes stale as the rewrites below change
-    the graph); None where inference fails (the rewrites then leave the graph alone)."""
-    fresh = onnx.ModelProto()
-    fresh.CopyFrom(proto)
-    fresh.graph.ClearField("value_info")
+    """{value name: dims (None where symbolic, such as the batch)} by ONNX shape inference;
+    None where inference fails (the rewrites then leave the graph alone)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(fresh)
+        inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 - the checker reports a broken graph later
         return None
     return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
@@ -431,6 +427,9 @@ def export_onnx(model: nn.Module, path, *, input_shape: tuple[int, int, int],
             proto = program.model_proto
     except Exception as e:  # the exporter raises many types; the user needs one line
         raise CompressError(f"ONNX export of {type(model).__name__} failed: {_one_line(e)}") from e
+    # the exporter's shapes of intermediate values go stale as the rewrites change the graph
+    # (a cut kernel, a moved Relu), and shape inference then fails on them: infer afresh
+    proto.graph.ClearField("value_info")
     _global_pools(proto)
     _crop_kernels(proto)
     _nhwc_handoff(proto)

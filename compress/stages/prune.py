@@ -92,19 +92,19 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
     return model
 
 
-def channel_groups(m):
-    """How many equal channel groups torch-pruning keeps `m`'s channels in: a grouped conv's
-    groups, a GroupNorm's; 1 for other layers and for depthwise convs (pruned channel by
-    channel with the layer before them)."""
-    if isinstance(m, nn.GroupNorm):
-        return m.num_groups
-    if isinstance(m, nn.Conv2d) and m.groups != m.out_channels:
-        return m.groups
-    return 1
+def channel_groups(dg, m):
+    """How many equal channel groups torch-pruning keeps `m`'s channels in, by its own pruner
+    for the layer type (a grouped conv's groups, a GroupNorm's); 1 for other layers and, as
+    BasePruner has it, for depthwise convs (pruned channel by channel with the layer before)."""
+    pruner = dg.get_pruner_of_module(m)
+    if pruner is None or (isinstance(m, nn.Conv2d) and m.groups == m.out_channels):
+        return 1
+    return pruner.get_out_channel_groups(m)
 
 
 def has_channel_groups(model):
-    return any(channel_groups(m) > 1 for m in model.modules())
+    dg = tp.DependencyGraph()   # unbuilt: only its registry of pruners by layer type
+    return any(channel_groups(dg, m) > 1 for m in model.modules())
 
 
 def kept_per_group(size, groups, ratio, step):
@@ -127,7 +127,7 @@ def rounded_ratios(model, example, ignored, per_layer, ratio, step):
         layers = [d.target.module for d, _ in group
                   if prunable(d.target.module) and dg.is_out_channel_pruning_fn(d.handler)]
         r = next((per_layer[m] for m in layers if m in per_layer), ratio)
-        groups = max(channel_groups(d.target.module) for d, _ in group)
+        groups = max(channel_groups(dg, d.target.module) for d, _ in group)
         size = len(group[0][1]) // groups
         keep = kept_per_group(size, groups, r, step)
         # half a channel over `keep`, so that float rounding cannot tip torch-pruning's int()
@@ -235,7 +235,7 @@ def dependency_groups(model, input_shape):
                   and dg.is_out_channel_pruning_fn(d.handler)}
         if layers:
             groups.append((len(group[0][1]), sorted(layers.items(), key=lambda kv: order[kv[0]]),
-                           max(channel_groups(d.target.module) for d, _ in group)))
+                           max(channel_groups(dg, d.target.module) for d, _ in group)))
     return sorted(groups, key=lambda g: order[g[1][0][0]])   # in model order, for messages
 
 
