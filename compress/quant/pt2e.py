@@ -26,6 +26,7 @@ modules, train/eval switching of exported graphs and the conversion to a Q/DQ gr
 """
 
 import copy
+import functools
 import itertools
 import logging
 from typing import Iterable
@@ -157,6 +158,27 @@ def _module_path(n: Node) -> str:
     return list(stack.values())[-1][0] if stack else n.name
 
 
+@functools.cache
+def _current_minmax():
+    """torchao's per-channel min/max observer holding the current tensor's range only. Its
+    moving average at ``averaging_constant=1`` computes ``old + (new - old)``, which is not
+    ``new`` in floating point: after a step that blew the weights up (1e9 and more, seen
+    on an undertrained MobileNetV2), the cancellation left min > max and torchao asserted."""
+    pt2e, _, _ = _torchao()
+
+    class CurrentPerChannelMinMaxObserver(pt2e.PerChannelMinMaxObserver):
+        def forward(self, x_orig):
+            if x_orig.numel() == 0:
+                return x_orig
+            x = x_orig.detach().to(self.min_val.dtype)
+            lo, hi = torch.aminmax(torch.flatten(x.transpose(0, self.ch_axis), start_dim=1), dim=1)
+            self.min_val.resize_(lo.shape).copy_(lo)
+            self.max_val.resize_(hi.shape).copy_(hi)
+            return x_orig
+
+    return CurrentPerChannelMinMaxObserver
+
+
 def make_quantizer(spec):
     """A torchao ``Quantizer`` annotating a captured graph with our scheme for `spec`
     (weight_bits, act_bits, ema of ``QuantSpec``); see the module docstring.
@@ -171,11 +193,10 @@ def make_quantizer(spec):
     qmax = 2 ** (spec.weight_bits - 1) - 1
     # The non-fused FakeQuantize: the fused kernel of torchao 0.18 scales by amax/(qmax+0.5)
     # while convert uses amax/qmax (up to 2% top-1 disagreement measured, see FINDINGS).
-    # averaging_constant=1: the scale follows the current weights exactly, as in eager QAT.
+    # The scale follows the current weights exactly, as in eager QAT.
     weight = qz.QuantizationSpec(
         dtype=torch.int8, quant_min=-qmax, quant_max=qmax, qscheme=torch.per_channel_symmetric,
-        ch_axis=0, observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
-            observer=pt2e.MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0))
+        ch_axis=0, observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(observer=_current_minmax()))
 
     class CompressQuantizer(qz.Quantizer):
         def __init__(self):
