@@ -234,6 +234,16 @@ def test_convert_is_cheap_and_matches_fake_quant(case):
     assert torch.equal(got.argmax(1), ref.argmax(1))
 
 
+def test_int8_graph_holds_folded_biases_as_constants_and_no_in_place_ops(case):
+    """What the ONNX exporter would otherwise trace, decompose and fold again: the BN-folded
+    biases are constants (no sqrt/div per conv) and ReLU6's hardtanh_ / relu_ are out of place."""
+    aten = torch.ops.aten
+    targets = [n.target for n in case["int8"].gm.graph.nodes if n.op == "call_function"]
+    assert aten.conv2d.default in targets
+    assert not {aten.sqrt.default, aten.div.Tensor, aten.zeros_like.default} & set(targets)
+    assert not [t for t in targets if isinstance(t, torch._ops.OpOverload) and t._schema.name.endswith("_")]
+    assert {aten.hardtanh.default if case["name"] == "mobilenetv2" else aten.relu.default} & set(targets)
+
 def test_ort_runs_integer_kernels_for_every_conv_and_add(case):
     ops = check_int8_kernels(case["path"])
     convs = sum(isinstance(m, nn.Conv2d) for m in case["float"].modules())

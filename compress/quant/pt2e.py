@@ -564,6 +564,15 @@ def _arg(n: Node, i: int, name: str, default=None):
     return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
 
 
+def _attr(gm: GraphModule, n):
+    """The tensor a ``get_attr`` node names (a parameter, buffer or constant of `gm`), else None."""
+    if not isinstance(n, Node) or n.op != "get_attr":
+        return None
+    obj = gm
+    for part in n.target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, Tensor) else None
+
 def fold_bn(gm: GraphModule) -> int:
     """Rewrite every eval-mode conv-BN subgraph of a prepared (QAT) graph into one conv
     with the folded bias (see the module docstring); returns how many were folded.
@@ -585,12 +594,25 @@ def fold_bn(gm: GraphModule) -> int:
         if y.target != _ATEN.div.Tensor or y.args[0].target not in _CONVS:
             continue  # a BN that is not the second half of a QAT conv-BN pair stays as it is
         conv = y.args[0]
-        with graph.inserting_before(conv):
-            std = graph.call_function(_ATEN.sqrt.default, (graph.call_function(_ATEN.add.Tensor, (var, eps)),))
-            f = graph.call_function(_ATEN.div.Tensor, (gamma, std))
-            b0 = conv_bias if conv_bias is not None else graph.call_function(_ATEN.zeros_like.default, (mean,))
-            shifted = graph.call_function(_ATEN.mul.Tensor, (graph.call_function(_ATEN.sub.Tensor, (b0, mean)), f))
-            bias = graph.call_function(_ATEN.add.Tensor, (beta, shifted))
+        stats = [_attr(gm, a) for a in (gamma, beta, mean, var, conv_bias)]
+        if all(t is not None for t in stats[:4]) and (conv_bias is None or stats[4] is not None):
+            # Computed here, as the ops below would compute it, and held as a constant: no
+            # 5 ops per conv for the ONNX exporter to trace, decompose and fold again.
+            g_, b_, m_, v_, cb = stats
+            with torch.no_grad():
+                b0 = cb if cb is not None else torch.zeros_like(m_)
+                folded = b_ + (b0 - m_) * (g_ / torch.sqrt(v_ + eps))
+            name = f"_folded_bias_{count}"
+            gm.register_buffer(name, folded.detach().clone())
+            with graph.inserting_before(conv):
+                bias = graph.get_attr(name)
+        else:
+            with graph.inserting_before(conv):
+                std = graph.call_function(_ATEN.sqrt.default, (graph.call_function(_ATEN.add.Tensor, (var, eps)),))
+                f = graph.call_function(_ATEN.div.Tensor, (gamma, std))
+                b0 = conv_bias if conv_bias is not None else graph.call_function(_ATEN.zeros_like.default, (mean,))
+                shifted = graph.call_function(_ATEN.mul.Tensor, (graph.call_function(_ATEN.sub.Tensor, (b0, mean)), f))
+                bias = graph.call_function(_ATEN.add.Tensor, (beta, shifted))
         conv.args = (conv.args[0], conv.args[1], bias, *conv.args[3:])
         out = bn
         if bn.target != _ATEN.batch_norm.default:  # tuple-returning variants
@@ -658,4 +680,28 @@ def to_int8_module(q: PT2EModel, float_first_conv: bool = False) -> Int8Graph:
         m.disable_observer()
     fold_bn(gm)
     converted = qpt2e.convert_pt2e(gm)
+    _out_of_place(converted)
     return Int8Graph(converted).requires_grad_(False)
+
+
+def _out_of_place(gm: GraphModule) -> int:
+    """Rewrite each in-place aten op (``hardtanh_`` of a ReLU6, ``relu_``) whose input
+    nothing else reads into its out-of-place twin: the same values, and the ONNX exporter
+    need not functionalize it. Returns how many were rewritten."""
+    count = 0
+    for n in gm.graph.nodes:
+        target = n.target
+        if n.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+            continue
+        name = target._schema.name.split("::")[-1]
+        src = n.args[0] if n.args else None
+        if (not name.endswith("_") or name.startswith("_") or not isinstance(src, Node)
+                or src.op != "call_function" or len(src.users) != 1):
+            continue
+        twin = getattr(getattr(torch.ops.aten, name[:-1], None), target._overloadname, None)
+        if twin is not None:
+            n.target = twin
+            count += 1
+    if count:
+        gm.recompile()
+    return count
