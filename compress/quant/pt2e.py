@@ -573,6 +573,7 @@ def _attr(gm: GraphModule, n):
         obj = getattr(obj, part, None)
     return obj if isinstance(obj, Tensor) else None
 
+
 def fold_bn(gm: GraphModule) -> int:
     """Rewrite every eval-mode conv-BN subgraph of a prepared (QAT) graph into one conv
     with the folded bias (see the module docstring); returns how many were folded.
@@ -594,25 +595,20 @@ def fold_bn(gm: GraphModule) -> int:
         if y.target != _ATEN.div.Tensor or y.args[0].target not in _CONVS:
             continue  # a BN that is not the second half of a QAT conv-BN pair stays as it is
         conv = y.args[0]
-        stats = [_attr(gm, a) for a in (gamma, beta, mean, var, conv_bias)]
-        if all(t is not None for t in stats[:4]) and (conv_bias is None or stats[4] is not None):
-            # Computed here, as the ops below would compute it, and held as a constant: no
-            # 5 ops per conv for the ONNX exporter to trace, decompose and fold again.
-            g_, b_, m_, v_, cb = stats
-            with torch.no_grad():
-                b0 = cb if cb is not None else torch.zeros_like(m_)
-                folded = b_ + (b0 - m_) * (g_ / torch.sqrt(v_ + eps))
-            name = f"_folded_bias_{count}"
-            gm.register_buffer(name, folded.detach().clone())
-            with graph.inserting_before(conv):
-                bias = graph.get_attr(name)
-        else:
-            with graph.inserting_before(conv):
-                std = graph.call_function(_ATEN.sqrt.default, (graph.call_function(_ATEN.add.Tensor, (var, eps)),))
-                f = graph.call_function(_ATEN.div.Tensor, (gamma, std))
-                b0 = conv_bias if conv_bias is not None else graph.call_function(_ATEN.zeros_like.default, (mean,))
-                shifted = graph.call_function(_ATEN.mul.Tensor, (graph.call_function(_ATEN.sub.Tensor, (b0, mean)), f))
-                bias = graph.call_function(_ATEN.add.Tensor, (beta, shifted))
+        stats = [_attr(gm, a) for a in (gamma, beta, mean, var)]
+        cb = _attr(gm, conv_bias) if conv_bias is not None else None
+        if any(t is None for t in stats) or (conv_bias is not None and cb is None):
+            raise CompressError(f"fold_bn: BatchNorm node '{bn.name}' reads a computed value, not a stored "
+                                "parameter or statistic; it cannot be folded into its conv")
+        # Computed once and held as a constant: no 5 ops per conv for the ONNX exporter to
+        # trace, decompose and fold again.
+        g_, b_, m_, v_ = stats
+        with torch.no_grad():
+            folded = b_ + ((cb if cb is not None else torch.zeros_like(m_)) - m_) * (g_ / torch.sqrt(v_ + eps))
+        name = f"_folded_bias_{count}"
+        gm.register_buffer(name, folded.detach().clone())
+        with graph.inserting_before(conv):
+            bias = graph.get_attr(name)
         conv.args = (conv.args[0], conv.args[1], bias, *conv.args[3:])
         out = bn
         if bn.target != _ATEN.batch_norm.default:  # tuple-returning variants
