@@ -48,6 +48,40 @@ _AVG_POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 # ---- fake-quant building blocks ----------------------------------------------------------
 
 
+class _FakeQuantPerTensor(torch.autograd.Function):
+    """``torch.fake_quantize_per_tensor_affine`` (tensor qparams) composed of vectorized
+    elementwise ops: ATen's CPU kernel rounds one element at a time and took 15 ms for a
+    256x16x28x28 map on a 2-core AVX2 CPU, where this takes about a third of that.
+
+    Same values and gradients bit for bit, for finite and infinite inputs: ATen computes
+    ``q = z + nearbyint(x * (1 / s))`` (float32), clamps, and rounds ``(q - z) * s``
+    computed exactly (in double) to float32 -- the one rounding that the float32 product
+    of these integer-valued q - z and s also does. The straight-through gradient passes
+    where the unclamped ``q`` lies in [qmin, qmax]. A NaN stays NaN here (ATen's cast of
+    NaN to an integer makes it qmin), so a diverged activation is not hidden.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        q = torch.round(x * (1.0 / scale)).add_(zero_point)
+        clamped = q.clamp(qmin, qmax)
+        ctx.save_for_backward(clamped == q)
+        return clamped.sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quant_per_tensor(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Per-tensor affine fake quantization with a straight-through gradient (float32 `x`,
+    float32 scalar `scale`, int32 scalar `zero_point`); see `_FakeQuantPerTensor`."""
+    if x.dtype != torch.float32:
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return _FakeQuantPerTensor.apply(x, scale, zero_point, qmin, qmax)
+
+
 def _refresh_flags(module, incompatible_keys):
     """load_state_dict post-hook re-reading flag buffers into their Python mirrors.
 
@@ -88,7 +122,10 @@ class ActQuant(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: Tensor):
-        lo, hi = torch.aminmax(x.detach().float())
+        x = x.detach().float()
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            x = x.permute(0, 2, 3, 1)   # the same elements in memory order: read contiguously
+        lo, hi = torch.aminmax(x)
         if not self._seen:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
@@ -113,7 +150,7 @@ class ActQuant(nn.Module):
             return x
         scale, zero_point = self.qparams()
         # Straight-through estimator: identity gradient inside the range, zero outside.
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, self.qmin, self.qmax)
+        return fake_quant_per_tensor(x, scale, zero_point, self.qmin, self.qmax)
 
     def extra_repr(self):
         return f"qmin={self.qmin}, qmax={self.qmax}, ema={self.ema}"
