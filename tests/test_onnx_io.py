@@ -314,3 +314,30 @@ def test_nhwc_handoff_only_from_a_float_op_with_16k_channels(first_conv, channel
     x = np.random.default_rng(1).random((4, 1, 12, 12), dtype=np.float32)
     run = lambda m: ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
     np.testing.assert_array_equal(run(before), run(model.SerializeToString()))
+
+
+def test_exports_of_one_process_share_one_torchlib_registry(tmp_path, monkeypatch):
+    """torch.onnx's registry is built once per opset and reused by later exports, which
+    write the same bytes as the export that built it; the hook is removed afterwards."""
+    from torch.onnx._internal.exporter import _registration
+
+    from compress import onnx_io
+
+    original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+    builds = []
+    real = original.__func__
+
+    def counting(cls, *a, **k):
+        builds.append(1)
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(onnx_io, "_TORCHLIB_REGISTRIES", {})
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    torch.manual_seed(0)
+    model = VGG([8, "M", 16], in_channels=1).eval()
+    paths = [tmp_path / f"m{i}.onnx" for i in range(3)]
+    for p in paths:
+        export_onnx(model, p, input_shape=SHAPE, mean=MEAN, std=STD, metadata=META)
+    assert len(builds) == 1
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counting   # restored
