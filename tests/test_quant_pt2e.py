@@ -112,6 +112,14 @@ CASES = {
 }
 
 
+def as_fit_trains(q):
+    """A backward pass as `fit` runs it: without oneDNN where its AVX2 kernel for a strided
+    1x1 conv's weight gradient corrupts memory (a pruned shortcut with 2-7 input channels;
+    it hung this module's tests on an AVX2-only EPYC, in the fixture's training and later
+    in a test's own backward pass)."""
+    return torch.backends.mkldnn.flags(enabled=not engine.onednn_1x1_hazards(q, torch.device("cpu")))
+
+
 def images(shape, n, seed):
     return torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
 
@@ -134,9 +142,7 @@ def case(request, tmp_path_factory):
     before = {k: v.clone() for k, v in q.state_dict().items()}
     opt = torch.optim.SGD(q.parameters(), lr=0.02, momentum=0.9)
     g = torch.Generator().manual_seed(2)
-    # As `fit` trains: without oneDNN where its AVX2 kernel for a strided 1x1 conv's weight
-    # gradient corrupts memory (the pruned shortcut here; it hung on an AVX2-only EPYC).
-    with torch.backends.mkldnn.flags(enabled=not engine.onednn_1x1_hazards(q, torch.device("cpu"))):
+    with as_fit_trains(q):
         for step in range(4):
             if step == 2:  # the last steps train on the frozen integer grid, as the qat stage does
                 set_qat_phase(q, observers=False, bn_stats=False)
@@ -179,7 +185,8 @@ def test_training_moved_weights_and_froze_phases(case):
     acts = [k for k in stats if k.endswith("min_val") and after[k].numel() == 1]
     assert acts
     q.train()
-    q(images(case["shape"], 8, 5)).sum().backward()
+    with as_fit_trains(q):
+        q(images(case["shape"], 8, 5)).sum().backward()
     q.zero_grad()
     q.eval()
     now = q.state_dict()
@@ -312,7 +319,8 @@ def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
     assert "x" not in fq_inputs   # the float lead takes the float input: no input quantizer
     calibrate(q, [images(shape, 32, 1)])
     q.train()
-    F.cross_entropy(q(images(shape, 16, 2)), torch.arange(16) % 10).backward()
+    with as_fit_trains(q):
+        F.cross_entropy(q(images(shape, 16, 2)), torch.arange(16) % 10).backward()
     set_qat_phase(q, observers=False, bn_stats=False)
     q.eval()
     path = tmp_path / "lead-int8.onnx"
