@@ -770,3 +770,33 @@ def test_silu_and_sigmoid_gates_run_as_integer_kernels(tmp_path, registered):
     assert not rebuilt.spec.integer_sigmoid
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), q.eval()(x))
+
+
+def test_activation_fake_quantization_is_torchaos_bit_for_bit():
+    """The activation quantizers run our vectorized per-tensor fake quantization on the CPU;
+    a training step gives the outputs, input gradients, observer ranges and BN statistics
+    that torchao's own FakeQuantize.forward gives."""
+    import types
+
+    from torchao.quantization.pt2e import FakeQuantize
+
+    torch.manual_seed(0)
+    shape = (1, 16, 16)
+    q = quantize_model(perturb_bn(NarrowThenWide()), QuantSpec(float_convs="none"), shape)
+    calibrate(q, [images(shape, 32, 1)])
+    acts = [m for m in q.fake_quants() if not m.is_per_channel]
+    assert acts and all(type(m) is not FakeQuantize and isinstance(m, FakeQuantize) for m in acts)
+    runs = []
+    for ours in (True, False):
+        qq = copy.deepcopy(q).train()
+        if not ours:
+            for m in qq.fake_quants():
+                m.forward = types.MethodType(FakeQuantize.forward, m)
+        x = images(shape, 16, 2).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with as_fit_trains(qq):
+            y = qq(x)
+            F.cross_entropy(y, torch.arange(16) % 10).backward()
+        runs.append((y.detach(), x.grad, qq.state_dict()))
+    (y1, g1, s1), (y2, g2, s2) = runs
+    assert torch.equal(y1, y2) and torch.equal(g1, g2) and g1.abs().sum() > 0
+    assert all(torch.equal(s1[k], s2[k]) for k in s1 if isinstance(s1[k], torch.Tensor))

@@ -76,8 +76,9 @@ class _FakeQuantPerTensor(torch.autograd.Function):
 
 def fake_quant_per_tensor(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """Per-tensor affine fake quantization with a straight-through gradient (float32 `x`,
-    float32 scalar `scale`, int32 scalar `zero_point`); see `_FakeQuantPerTensor`."""
-    if x.dtype != torch.float32:
+    float32 scalar or 1-element `scale`, int32 `zero_point` alike); `_FakeQuantPerTensor` on
+    the CPU, ATen's kernel elsewhere."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":   # CUDA's kernel is vectorized
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
     return _FakeQuantPerTensor.apply(x, scale, zero_point, qmin, qmax)
 

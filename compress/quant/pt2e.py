@@ -179,6 +179,32 @@ def _current_minmax():
     return CurrentPerChannelMinMaxObserver
 
 
+@functools.cache
+def _fast_fake_quantize():
+    """torchao's FakeQuantize whose per-tensor fake quantization of a float32 CPU tensor
+    runs `eager.fake_quant_per_tensor` (the same values and gradients bit for bit, 3-5x
+    faster than ATen's per-element CPU kernel, which took 24% of a width-1 ResNet-20's QAT
+    step on a 2-core AVX2 CPU). Observing and the qparams it keeps are torchao's; other
+    cases (per channel, CUDA, fake quantization off) are torchao's forward."""
+    pt2e, _, _ = _torchao()
+    from .eager import fake_quant_per_tensor
+
+    class FastFakeQuantize(pt2e.FakeQuantize):
+        def forward(self, X):
+            if (self.is_per_channel or X.dtype != torch.float32 or X.device.type != "cpu"
+                    or self.fake_quant_enabled[0] != 1):
+                return super().forward(X)
+            if self.observer_enabled[0] == 1:
+                self.activation_post_process(X.detach())
+                scale, zero_point = self.calculate_qparams()
+                self.scale.resize_(scale.shape).copy_(scale)
+                self.zero_point.resize_(zero_point.shape).copy_(zero_point)
+            obs = self.activation_post_process
+            return fake_quant_per_tensor(X, self.scale, self.zero_point, obs.quant_min, obs.quant_max)
+
+    return FastFakeQuantize
+
+
 def make_quantizer(spec):
     """A torchao ``Quantizer`` annotating a captured graph with our scheme for `spec`
     (weight_bits, act_bits, ema of ``QuantSpec``); see the module docstring.
@@ -188,7 +214,7 @@ def make_quantizer(spec):
     act = qz.QuantizationSpec(
         dtype=torch.uint8, quant_min=0, quant_max=2**spec.act_bits - 1,
         qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=pt2e.FakeQuantize.with_args(
+        observer_or_fake_quant_ctr=_fast_fake_quantize().with_args(
             observer=pt2e.MovingAverageMinMaxObserver, averaging_constant=spec.ema))
     qmax = 2 ** (spec.weight_bits - 1) - 1
     # The non-fused FakeQuantize: the fused kernel of torchao 0.18 scales by amax/(qmax+0.5)
