@@ -800,3 +800,24 @@ def test_activation_fake_quantization_is_torchaos_bit_for_bit():
     (y1, g1, s1), (y2, g2, s2) = runs
     assert torch.equal(y1, y2) and torch.equal(g1, g2) and g1.abs().sum() > 0
     assert all(torch.equal(s1[k], s2[k]) for k in s1 if isinstance(s1[k], torch.Tensor))
+
+
+def test_an_activation_observer_reads_a_channels_last_map_without_copying_it():
+    """``torch.aminmax`` copies a channels_last tensor to NCHW before reducing it (ten times the
+    reduction's own time on a 64x144x28x28 map on a 2-core AVX2 CPU): the activation
+    quantizers hand their observers the same elements as a contiguous view, and the range
+    they record is the map's."""
+    from torch.profiler import profile
+
+    q = quantize_model(NarrowThenWide(), QuantSpec(float_convs="none"), (1, 16, 16))
+    fq = next(m for m in q.fake_quants() if not m.is_per_channel)
+    fq.enable_observer(True)
+    x = torch.randn(4, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    with profile() as prof:
+        y = fq(x)
+    ops = {e.name for e in prof.events()}
+    assert "aten::aminmax" in ops and not ops & {"aten::clone", "aten::contiguous"}, sorted(ops)
+    obs = fq.activation_post_process
+    assert obs.min_val == x.min() and obs.max_val == x.max()
+    assert y.is_contiguous(memory_format=torch.channels_last)

@@ -70,7 +70,17 @@ class _FakeQuantPerTensor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
+        # one pass; `grad * inside` first converts the bool mask to a float tensor
+        return torch.where(inside, grad, 0.0), None, None, None, None
+
+
+def memory_order(x: Tensor) -> Tensor:
+    """`x`'s elements as a contiguous view where `x` is a channels_last 4-d tensor, else `x`:
+    a reduction over all of them (min, max) then reads memory in order, where ``aminmax``
+    of a channels_last map first copies it to NCHW."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
 
 
 def fake_quant_per_tensor(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -122,10 +132,7 @@ class ActQuant(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: Tensor):
-        x = x.detach().float()
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            x = x.permute(0, 2, 3, 1)   # the same elements in memory order: read contiguously
-        lo, hi = torch.aminmax(x)
+        lo, hi = torch.aminmax(memory_order(x.detach().float()))
         if not self._seen:
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)

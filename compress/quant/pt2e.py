@@ -187,14 +187,16 @@ def _fast_fake_quantize():
     step on a 2-core AVX2 CPU; elsewhere it is ATen's kernel). Observing and the qparams it
     keeps are torchao's; per channel or with fake quantization off, torchao's forward runs."""
     pt2e, _, _ = _torchao()
-    from .eager import fake_quant_per_tensor
+    from .eager import fake_quant_per_tensor, memory_order
 
     class FastFakeQuantize(pt2e.FakeQuantize):
         def forward(self, X):
             if self.is_per_channel or self.fake_quant_enabled[0] != 1:
                 return super().forward(X)
             if self.observer_enabled[0] == 1:
-                self.activation_post_process(X.detach())
+                # a per-tensor min/max: the elements in memory order (torchao's observer calls
+                # aminmax, which copies a channels_last map to NCHW first)
+                self.activation_post_process(memory_order(X.detach()))
                 scale, zero_point = self.calculate_qparams()
                 self.scale.resize_(scale.shape).copy_(scale)
                 self.zero_point.resize_(zero_point.shape).copy_(zero_point)
