@@ -821,3 +821,48 @@ def test_an_activation_observer_reads_a_channels_last_map_without_copying_it():
     obs = fq.activation_post_process
     assert obs.min_val == x.min() and obs.max_val == x.max()
     assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_training_multiplies_by_the_bn_factors_reciprocal_and_eval_divides_as_torchao(monkeypatch):
+    """In training mode each simulated conv-BN pair multiplies the conv's output by the
+    reciprocal of the BN factor (a cheaper backward), within float rounding of torchao's
+    division; in eval mode, which the conversion and the INT8 file follow, the graph divides
+    again and its logits are torchao's bit for bit."""
+    from compress.quant import pt2e
+
+    torch.manual_seed(0)
+    shape = (1, 16, 16)
+    q = quantize_model(perturb_bn(NarrowThenWide()), QuantSpec(float_convs="none"), shape)
+    calibrate(q, [images(shape, 32, 1)])
+    monkeypatch.setattr(pt2e, "conv_bn_scaling", lambda gm, product: 0)   # torchao's graph as prepared
+    ref = quantize_model(perturb_bn(NarrowThenWide()), QuantSpec(float_convs="none"), shape)
+    monkeypatch.undo()
+    ref.load_state_dict(q.state_dict())
+
+    def scaling(m):
+        nodes = [n for n in m.gm.graph.nodes if n.op == "call_function"]
+        divs = sum(n.target == torch.ops.aten.div.Tensor and n.args[0].target in pt2e._CONVS for n in nodes)
+        return divs, sum(n.target == torch.ops.aten.reciprocal.default for n in nodes)
+
+    pairs = sum(isinstance(m, nn.BatchNorm2d) for m in NarrowThenWide().modules())
+    x = images(shape, 16, 2)
+    with torch.no_grad():
+        for mode in (True, False):
+            a, b = copy.deepcopy(q).train(mode), copy.deepcopy(ref)
+            if mode != b._gm_training:   # the reference moves as torchao moves it, nothing more
+                (torchao_pt2e().move_exported_model_to_train if mode else
+                 torchao_pt2e().move_exported_model_to_eval)(b.gm)
+            b.training = mode
+            b._apply_phase()             # observers as in `a`: off in eval mode
+            assert scaling(a) == ((0, pairs) if mode else (pairs, 0)) and scaling(b) == (pairs, 0)
+            ya, yb = a(x), b.gm(x)
+            if mode:
+                torch.testing.assert_close(ya, yb, atol=1e-4, rtol=0)
+            else:
+                assert torch.equal(ya, yb)
+
+
+def torchao_pt2e():
+    from torchao.quantization import pt2e
+
+    return pt2e

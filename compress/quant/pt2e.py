@@ -22,7 +22,9 @@ modules, train/eval switching of exported graphs and the conversion to a Q/DQ gr
 - ``PT2EModel``: exported graphs raise on ``.train()``/``.eval()``; the wrapper calls
   torchao's ``move_exported_model_to_train/eval`` and re-applies the phase flags (frozen
   BN statistics, frozen activation observers) that moving to train would undo, so the
-  one training loop uses it unchanged.
+  one training loop uses it unchanged. In training mode the conv-BN subgraph multiplies
+  by the BN factor's reciprocal instead of dividing by it (``conv_bn_scaling``: a cheaper
+  backward); eval mode and the conversion keep torchao's division.
 """
 
 import copy
@@ -458,6 +460,48 @@ def split_silu(gm: GraphModule) -> int:
     return count
 
 
+_PRODUCT = "compress_conv_bn_product"   # node.meta tag of a rewritten conv-BN division
+
+
+def conv_bn_scaling(gm: GraphModule, *, product: bool) -> int:
+    """Switch the prepared graph's simulated conv-BN rescaling, ``conv(x, fq(w * f)) / f``,
+    between that division (``product=False``: eval mode, what ``fold_bn`` folds and the
+    INT8 file computes, bit for bit) and ``conv(...) * reciprocal(f)`` (``product=True``:
+    training mode). The two differ by float rounding only. The quotient's backward makes
+    five passes over the conv's output (``grad / f``, and ``-grad * x / f**2`` summed), the
+    product's three; on the AVX2-only EPYC (one thread, CPU time per step, the two forms
+    alternating) a width-1 MobileNetV2's QAT step took 1.08x less time with the product, a
+    ResNet-20's 1.07x. The eager backend multiplies by the reciprocal too. Returns how many
+    nodes were switched; calling it again with the same `product` switches none."""
+    graph, count = gm.graph, 0
+    for n in list(graph.nodes):
+        if n.op != "call_function":
+            continue
+        if product and n.target == _ATEN.div.Tensor and isinstance(n.args[0], Node) \
+                and n.args[0].target in _CONVS and isinstance(n.args[1], Node):
+            with graph.inserting_before(n):
+                inv = graph.call_function(_ATEN.reciprocal.default, (n.args[1],))
+                mul = graph.call_function(_ATEN.mul.Tensor, (n.args[0], inv))
+            mul.meta.update(n.meta)
+            mul.meta[_PRODUCT] = True
+            n.replace_all_uses_with(mul)
+            graph.erase_node(n)
+            count += 1
+        elif not product and n.target == _ATEN.mul.Tensor and n.meta.get(_PRODUCT):
+            inv = n.args[1]
+            with graph.inserting_before(n):
+                div = graph.call_function(_ATEN.div.Tensor, (n.args[0], inv.args[0]))
+            div.meta.update({k: v for k, v in n.meta.items() if k != _PRODUCT})
+            n.replace_all_uses_with(div)
+            graph.erase_node(n)
+            if not inv.users:
+                graph.erase_node(inv)
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def _weight_fq(m: nn.Module) -> bool:
     return m.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -490,6 +534,7 @@ class PT2EModel(nn.Module):
         if mode != self._gm_training:
             (pt2e.move_exported_model_to_train if mode else pt2e.move_exported_model_to_eval)(self.gm)
             self._gm_training = mode
+        conv_bn_scaling(self.gm, product=mode)
         self.training = mode
         self._apply_phase()
         return self
@@ -691,6 +736,7 @@ def to_int8_module(q: PT2EModel, float_first_conv: bool = False) -> Int8Graph:
                                 "calibrate() before converting to INT8")
     gm = copy.deepcopy(q.gm)
     pt2e.move_exported_model_to_eval(gm)
+    conv_bn_scaling(gm, product=False)
     fqs = [m for m in gm.modules() if isinstance(m, pt2e.FakeQuantize)]
     for m in fqs:
         m.enable_observer(_weight_fq(m))
