@@ -866,3 +866,34 @@ def torchao_pt2e():
     from torchao.quantization import pt2e
 
     return pt2e
+
+
+class _InPlace(nn.Module):
+    def forward(self, x):
+        y = (x * 2).relu_()            # nothing else reads x * 2: may become relu
+        z = x + 1
+        z[:, :1].clamp_(max=0.5)       # a view of z: must stay in place (z is read below)
+        return nn.functional.hardtanh(y, 0.0, 6.0, inplace=True) + z
+
+
+def test_in_place_ops_become_out_of_place_only_where_nothing_sees_the_difference():
+    """A prepared graph runs ReLU6 as ``hardtanh`` (an in-place ``hardtanh_`` makes autograd copy
+    its input); an in-place op on a view of a tensor read later stays in place."""
+    from compress.quant.pt2e import _out_of_place, capture
+
+    gm = capture(_InPlace(), (2, 3, 3))
+    x = torch.randn(4, 2, 3, 3)
+    before = gm(x.clone())
+    def in_place(g):
+        return sorted(n.target._schema.name for n in g.graph.nodes
+                      if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.name.endswith("_"))
+
+    assert in_place(gm) == ["aten::clamp_", "aten::hardtanh_", "aten::relu_"]
+    assert _out_of_place(gm) == 2
+    assert in_place(gm) == ["aten::clamp_"]
+    assert torch.equal(gm(x.clone()), before)
+    relu6 = nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU6(inplace=True), nn.Flatten(), nn.LazyLinear(10))
+    relu6(torch.zeros(1, 1, 8, 8))
+    q = quantize_model(relu6, QuantSpec(float_convs="none"), (1, 8, 8))
+    assert not any(name in ("aten::hardtanh_", "aten::relu_") for name in in_place(q.gm))
+    assert any(n.target == torch.ops.aten.hardtanh.default for n in q.gm.graph.nodes)
