@@ -828,6 +828,8 @@ def test_training_multiplies_by_the_bn_factors_reciprocal_and_eval_divides_as_to
     reciprocal of the BN factor (a cheaper backward), within float rounding of torchao's
     division; in eval mode, which the conversion and the INT8 file follow, the graph divides
     again and its logits are torchao's bit for bit."""
+    from torchao.quantization import pt2e as ao
+
     from compress.quant import pt2e
 
     torch.manual_seed(0)
@@ -850,8 +852,7 @@ def test_training_multiplies_by_the_bn_factors_reciprocal_and_eval_divides_as_to
         for mode in (True, False):
             a, b = copy.deepcopy(q).train(mode), copy.deepcopy(ref)
             if mode != b._gm_training:   # the reference moves as torchao moves it, nothing more
-                (torchao_pt2e().move_exported_model_to_train if mode else
-                 torchao_pt2e().move_exported_model_to_eval)(b.gm)
+                (ao.move_exported_model_to_train if mode else ao.move_exported_model_to_eval)(b.gm)
             b.training = mode
             b._apply_phase()             # observers as in `a`: off in eval mode
             assert scaling(a) == ((0, pairs) if mode else (pairs, 0)) and scaling(b) == (pairs, 0)
@@ -860,13 +861,6 @@ def test_training_multiplies_by_the_bn_factors_reciprocal_and_eval_divides_as_to
                 torch.testing.assert_close(ya, yb, atol=1e-4, rtol=0)
             else:
                 assert torch.equal(ya, yb)
-
-
-def torchao_pt2e():
-    from torchao.quantization import pt2e
-
-    return pt2e
-
 
 class _InPlace(nn.Module):
     def forward(self, x):

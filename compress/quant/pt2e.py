@@ -522,6 +522,7 @@ class PT2EModel(nn.Module):
         self.register_buffer("observing", torch.tensor(True))
         self.register_buffer("bn_frozen", torch.tensor(False))
         self._gm_training = True      # the graph was captured and prepared in train mode
+        conv_bn_scaling(gm, product=True)   # the training form; eval() switches it back
         self.float_layers: list[str] = []   # convs left float (``QuantSpec.float_convs``)
         self.training = True
 
@@ -533,8 +534,8 @@ class PT2EModel(nn.Module):
         pt2e, _, _ = _torchao()
         if mode != self._gm_training:
             (pt2e.move_exported_model_to_train if mode else pt2e.move_exported_model_to_eval)(self.gm)
+            conv_bn_scaling(self.gm, product=mode)
             self._gm_training = mode
-        conv_bn_scaling(self.gm, product=mode)
         self.training = mode
         self._apply_phase()
         return self
