@@ -35,6 +35,15 @@ def write_fmnist(root, n_train=64, n_test=32, gz=True, seed=0):
     return arrays
 
 
+@pytest.fixture(autouse=True)
+def _pt2e_prepared_per_test():
+    """Each test prepares pt2e graphs as a process of its own would: a preparation cached by
+    an earlier test (perhaps under its monkeypatches) is never reused."""
+    from compress.quant import pt2e
+
+    pt2e._PREPARED.clear()
+
+
 @pytest.fixture
 def fmnist_writer():
     """`write_fmnist(root, n_train=64, n_test=32, gz=True, seed=0) -> arrays`."""

@@ -595,6 +595,7 @@ def test_cached_pattern_graphs_prepare_the_same_graph():
     pt2e._PATTERNS.clear()
     fresh = quantize_model(model, QuantSpec(), (1, 16, 16))      # captures every pattern
     assert pt2e._PATTERNS
+    pt2e._PREPARED.clear()                                       # the graph itself is captured again
     t0 = time.perf_counter()
     cached = quantize_model(model, QuantSpec(), (1, 16, 16))     # copies of the stored captures
     assert time.perf_counter() - t0 < 10
@@ -602,6 +603,55 @@ def test_cached_pattern_graphs_prepare_the_same_graph():
     x = images((1, 16, 16), 8, 10)
     for mode in (True, False):
         assert torch.equal(fresh.train(mode)(x), cached.train(mode)(x))
+
+
+def test_an_architecture_prepared_before_takes_new_weights_without_a_capture(monkeypatch):
+    """A second model of an architecture prepared before in this process (validation's
+    skeleton, then the trained model, then its checkpoint) is not captured again: a copy of
+    that preparation takes its weights, and computes what a fresh preparation computes, bit
+    for bit, through calibration and a training step. Anything capture reads that differs
+    (widths, input shape, scheme, a non-persistent buffer's values, a hook) prepares anew."""
+    from compress.quant import pt2e
+
+    captures = []
+    real_capture = pt2e.capture
+    monkeypatch.setattr(pt2e, "capture", lambda m, s: captures.append(type(m).__name__) or real_capture(m, s))
+    shape, spec = (1, 16, 16), QuantSpec(float_convs="none")
+    torch.manual_seed(0)
+    a, b = TinyResNet(), perturb_bn(TinyResNet())            # other weights and BN statistics
+    pt2e._PREPARED.clear()
+    fresh = quantize_model(b, spec, shape)
+    pt2e._PREPARED.clear()
+    quantize_model(a, spec, shape)
+    assert len(captures) == 2
+    reused = quantize_model(b, spec, shape)
+    assert len(captures) == 2                                 # no capture, no preparation
+    assert reused.gm.code == fresh.gm.code
+    x, y = images(shape, 16, 4), torch.arange(16) % 10
+    for q in (fresh, reused):
+        calibrate(q, [x])
+        opt = torch.optim.SGD(q.parameters(), lr=0.1)
+        F.cross_entropy(q.train()(x), y).backward()
+        opt.step()
+    sf, sr = fresh.state_dict(), reused.state_dict()
+    assert sf.keys() == sr.keys() and all(torch.equal(sf[k], sr[k]) for k in sf)
+    with torch.no_grad():
+        for mode in (True, False):
+            assert torch.equal(fresh.train(mode)(x), reused.train(mode)(x))
+
+    hooked = TinyResNet()
+    hooked.fc.register_forward_hook(lambda m, i, o: None)
+    buffered = TinyResNet()
+    buffered.register_buffer("offset", torch.ones(1), persistent=False)
+    buffered_too = TinyResNet()
+    buffered_too.register_buffer("offset", torch.zeros(1), persistent=False)
+    n = len(captures)
+    for model, s, sh in [(TinyResNet(width=4), spec, shape), (TinyResNet(), spec, (1, 20, 20)),
+                         (TinyResNet(), QuantSpec(float_convs="none", weight_bits=8), shape),
+                         (buffered, spec, shape), (buffered_too, spec, shape), (hooked, spec, shape), (hooked, spec, shape)]:
+        quantize_model(model, s, sh)
+        n += 1
+        assert len(captures) == n
 
 
 @pytest.mark.slow
@@ -837,6 +887,7 @@ def test_training_multiplies_by_the_bn_factors_reciprocal_and_eval_divides_as_to
     q = quantize_model(perturb_bn(NarrowThenWide()), QuantSpec(float_convs="none"), shape)
     calibrate(q, [images(shape, 32, 1)])
     monkeypatch.setattr(pt2e, "conv_bn_scaling", lambda gm, product: 0)   # torchao's graph as prepared
+    pt2e._PREPARED.clear()                                                 # prepared again, not reused
     ref = quantize_model(perturb_bn(NarrowThenWide()), QuantSpec(float_convs="none"), shape)
     monkeypatch.undo()
     ref.load_state_dict(q.state_dict())

@@ -27,10 +27,15 @@ modules, train/eval switching of exported graphs and the conversion to a Q/DQ gr
   backward); eval mode and the conversion keep torchao's division.
 """
 
+import collections
 import copy
+import dataclasses
+import enum
 import functools
+import hashlib
 import itertools
 import logging
+import sys
 from typing import Iterable
 
 import torch
@@ -578,13 +583,147 @@ def _reapply_after_load(module, incompatible_keys):
     module._apply_phase()
 
 
+# ---- prepared graphs, reused within a process ---------------------------------------------
+#
+# `compress run` prepares the same architecture up to three times: validation plans the QAT
+# stage on the pruned skeleton, the stage prepares the trained model, and the export stage
+# rebuilds the stored QAT checkpoint. Capture and preparation depend on the architecture,
+# never on the weights' values (torch.export lifts every parameter and buffer to a graph
+# input and prepare_qat_pt2e folds none into a constant), so a prepared copy of an
+# architecture seen before is reused with the new model's weights loaded into it.
+
+_PREPARED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_PREPARED_MAX = 4
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _tensor_key(t: Tensor):
+    t = t.detach().cpu().contiguous()
+    return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha1(t.reshape(-1).view(torch.uint8).numpy()).hexdigest())
+
+
+def _value_key(v):
+    """A hashable description of a module attribute that equals another's only when the two
+    values do; None when there is none (the model is then not reused)."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes, torch.dtype, torch.device, torch.memory_format)):
+        return (type(v).__name__, repr(v))
+    if isinstance(v, (tuple, list, set, frozenset)):
+        items = [_value_key(x) for x in v]
+        if any(i is None for i in items):
+            return None
+        return (type(v).__name__, tuple(sorted(items, key=repr) if isinstance(v, (set, frozenset)) else items))
+    if isinstance(v, dict):
+        items = [(_value_key(k), _value_key(x)) for k, x in v.items()]
+        if any(k is None or x is None for k, x in items):
+            return None
+        return ("dict", tuple(sorted(items, key=repr)))
+    if isinstance(v, Tensor):
+        try:
+            return _tensor_key(v)
+        except (RuntimeError, TypeError):   # sparse, quantized, meta: nothing to compare
+            return None
+    if isinstance(v, enum.Enum):
+        return ("enum", type(v).__module__, type(v).__qualname__, v.name)
+    name = getattr(v, "__qualname__", None)
+    if (callable(v) and isinstance(name, str) and "<" not in name   # module-level function or class
+            and getattr(sys.modules.get(getattr(v, "__module__", None) or ""), name.split(".")[0], None) is not None):
+        return ("callable", v.__module__, name, id(v))
+    return None
+
+
+def _architecture_key(model: nn.Module):
+    """What capture and preparation read from `model`: every module's class (and its
+    forward's code), attributes, hooks (none allowed), parameter and buffer names, shapes,
+    dtypes and trainability, and the values of what is not a parameter or stored buffer
+    (non-persistent buffers, tensor attributes, which a capture bakes into the graph).
+    None when some attribute has no comparable description. Also returns the classes, which
+    the cache keeps alive so that their ids cannot be reused."""
+    parts, classes = [], []
+    for path, m in model.named_modules(remove_duplicate=False):
+        cls = type(m)
+        if "<" in cls.__qualname__:
+            return None, None
+        classes.append(cls)
+        attrs = []
+        for k, v in sorted(m.__dict__.items()):
+            if k == "training":
+                continue
+            if k in _HOOK_DICTS:
+                if v:
+                    return None, None
+                continue
+            if k == "_parameters":
+                d = tuple((n, None if p is None else (tuple(p.shape), str(p.dtype), p.requires_grad))
+                          for n, p in v.items())
+            elif k == "_buffers":
+                d = tuple((n, None if b is None else _tensor_key(b) if n in m._non_persistent_buffers_set
+                           else (tuple(b.shape), str(b.dtype))) for n, b in v.items())
+            elif k == "_modules":
+                d = tuple((n, c is None) for n, c in v.items())
+            else:
+                d = _value_key(v)
+                if d is None:
+                    return None, None
+            attrs.append((k, d))
+        parts.append((path, cls.__module__, cls.__qualname__, id(cls), getattr(cls.forward, "__code__", None),
+                      tuple(attrs)))
+    return tuple(parts), classes
+
+
+def _prepared_key(model, spec, input_shape):
+    arch, classes = _architecture_key(model)
+    if arch is None:
+        return None, None
+    return (arch, tuple(int(v) for v in input_shape), dataclasses.replace(spec, backend="pt2e")), classes
+
+
+def _reuse_prepared(model, key):
+    """A copy of the prepared model cached under `key` with `model`'s weights, or None."""
+    if key is None or key not in _PREPARED:
+        return None
+    _PREPARED.move_to_end(key)
+    q = copy.deepcopy(_PREPARED[key][0])
+    result = q.gm.load_state_dict(model.state_dict(), strict=False)
+    if result.unexpected_keys:   # cannot happen for an equal key; never hand out a partial load
+        return None
+    return q
+
+
+def _remember_prepared(key, classes, q: PT2EModel, alias=None):
+    if key is None:
+        return
+    entry = (copy.deepcopy(q), classes)
+    for k in (key, alias):
+        if k is not None:
+            _PREPARED[k] = entry
+            _PREPARED.move_to_end(k)
+    while len(_PREPARED) > _PREPARED_MAX:
+        _PREPARED.popitem(last=False)
+
+
+def _lead_reproducible(gm: GraphModule, float_layers) -> bool:
+    """Whether naming `float_layers` (as a checkpoint does) floats exactly the convs the rule
+    floated here: no conv outside the lead shares a module path with one inside it."""
+    named = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS
+             and _module_path(n) in set(float_layers)]
+    return len(named) == len(float_layers)
+
+
 def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
     """Capture `model` (left untouched) and prepare it for QAT with ``CompressQuantizer``.
+    An architecture prepared before in this process (the same classes, attributes, shapes
+    and spec) is not captured again: a copy of that preparation takes `model`'s weights.
 
     >>> q = quantize_model(tiny_resnet, QuantSpec(backend="pt2e"), (1, 28, 28))  # doctest: +SKIP
     """
     _, qpt2e, _ = _torchao()
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    key, classes = _prepared_key(model, spec, input_shape)
+    if (q := _reuse_prepared(model, key)) is not None:
+        return q.to(device).train(model.training)
     gm = capture(model, input_shape)
     if spec.integer_sigmoid:
         split_silu(gm)
@@ -605,6 +744,12 @@ def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
     q = PT2EModel(prepared, spec, input_shape)
     q.float_layers = list(quantizer.float_layers)
     q.register_load_state_dict_post_hook(_reapply_after_load)
+    # A checkpoint of this model records its lead (float_layers) and rebuilds with it: the
+    # same preparation when that list picks out the same convs.
+    alias = None
+    if key is not None and spec.float_layers is None and _lead_reproducible(prepared, q.float_layers):
+        alias = (*key[:2], dataclasses.replace(key[2], float_layers=tuple(q.float_layers)))
+    _remember_prepared(key, classes, q, alias)
     q.to(device)
     return q.train(model.training)
 
