@@ -22,22 +22,31 @@ def _dominated(p, others, cost):
 
 
 @pytest.mark.slow
-def test_grid_sweep_shares_the_teacher_and_marks_a_non_dominated_front(tmp_path, tiny_recipe_dict):
+def test_grid_sweep_shares_the_teacher_and_marks_a_non_dominated_front(tmp_path, tiny_recipe_dict, capsys):
+    """A 2x2 grid: the teacher trained once and reused by every trial, the parameters reaching
+    their stages, a Pareto front that is exactly the non-dominated trials. The recipe's name
+    has 100 characters, the most validate accepts: the sweep's folders (runs/<recipe>-sweep/,
+    exports/<recipe>-sweep/) have 106, which the sweep once refused after validate accepted
+    the recipe. (One sweep, so Ray starts once in this suite.)"""
     pytest.importorskip("ray.tune", reason="pip install -e '.[sweep]'")
+    name = "n" * 100
+    tiny_recipe_dict["name"] = name
     tiny_recipe_dict["stages"][-1]["latency_runs"] = 3
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
+    assert main(["validate", str(recipe)]) == 0
     args = ["sweep", str(recipe), "--param", "stages.prune.ratio=0.3,0.5", "--param",
             "stages.distill.loss.0.T=2,4", "--max-concurrent", "2", "--workdir", str(tmp_path)]
-    assert main(args) == 0
-    out = tmp_path / "exports" / "tiny-sweep"
+    assert main(args) == 0, capsys.readouterr().err
+    out = tmp_path / "exports" / f"{name}-sweep"
     sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["recipe"] == name and (tmp_path / "runs" / f"{name}-sweep" / "trials").is_dir()
     trials = sweep["trials"]
     assert len(trials) == 4
     assert sorted(tuple(t["overrides"].values()) for t in trials) == [(0.3, 2), (0.3, 4), (0.5, 2), (0.5, 4)]
     assert sweep["shared_stages"] == ["teacher"]
     # the teacher was trained once, in the shared workdir; every trial reused that result
-    shared = json.loads((tmp_path / "runs/tiny-sweep/shared/exports/tiny/report.json").read_text())
+    shared = json.loads((tmp_path / f"runs/{name}-sweep/shared/exports/{name}/report.json").read_text())
     assert [(s["name"], s["reused"]) for s in shared["stages"]] == [("teacher", False)]
     for t in trials:
         st = {s["name"]: s for s in t["stages"]}
@@ -51,30 +60,10 @@ def test_grid_sweep_shares_the_teacher_and_marks_a_non_dominated_front(tmp_path,
     for cost, title in (("kb", "top-1 vs file size"), ("b1", "top-1 vs latency (batch 1)")):
         front = _front_rows(md, title)
         assert front and set(front) <= set(pts)
-        for name, p in pts.items():
-            others = [q for n, q in pts.items() if n != name]
-            assert (name in front) == (not _dominated(p, others, cost)), (cost, name)
+        for trial, p in pts.items():
+            others = [q for n, q in pts.items() if n != trial]
+            assert (trial in front) == (not _dominated(p, others, cost)), (cost, trial)
     assert (out / "pareto.png").stat().st_size > 10_000
-
-
-@pytest.mark.slow
-def test_sweep_of_a_recipe_with_the_longest_name_validate_accepts(tmp_path, tiny_recipe_dict, capsys):
-    """The sweep's folders are runs/<recipe>-sweep/ and exports/<recipe>-sweep/: with a recipe
-    name of 100 characters they have 106, which was refused after validate accepted the recipe."""
-    pytest.importorskip("ray.tune", reason="pip install -e '.[sweep]'")
-    name = "n" * 100
-    tiny_recipe_dict["name"] = name
-    tiny_recipe_dict["stages"] = tiny_recipe_dict["stages"][:1] + [
-        {"name": "export", "kind": "export", "models": [{"model": "teacher", "format": "onnx-fp32"}],
-         "latency_runs": 3}]
-    recipe = tmp_path / "long.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
-    assert main(["validate", str(recipe)]) == 0
-    assert main(["sweep", str(recipe), "--param", "stages.teacher.epochs=1", "--workdir", str(tmp_path)]) == 0, \
-        capsys.readouterr().err
-    sweep = json.loads((tmp_path / "exports" / f"{name}-sweep" / "sweep.json").read_text())
-    assert sweep["recipe"] == name and len(sweep["trials"]) == 1 and sweep["trials"][0]["point"]
-    assert (tmp_path / "runs" / f"{name}-sweep" / "trials").is_dir()
 
 
 def test_sweep_without_ray_says_how_to_install(tmp_path, tiny_recipe_dict, monkeypatch, capsys):
