@@ -41,6 +41,7 @@ class RunContext:
     seed: int = 0
     logger: object = None           # compress.tracking.Tracker (.epoch(stage, epoch, metrics)) or None
     bf16: bool = False              # autocast to bf16 (the recipe's `precision`, resolved for the device)
+    fresh: bool = False             # `run --fresh`: nothing stored is read (results, cached teacher logits)
 
     @property
     def cuda(self):

@@ -187,7 +187,7 @@ def _run(recipe, storage, dev, fresh, data, t_start):
     ctx = RunContext(recipe=recipe, data=data, device=dev, export_dir=export_dir, storage=storage,
                      seed=recipe.seed,   # TensorBoard: runs/<recipe>/tb/, written by rank 0
                      logger=Tracker(storage, recipe, data) if main else None,
-                     bf16=use_bf16(recipe.precision, dev))
+                     bf16=use_bf16(recipe.precision, dev), fresh=fresh)
     keys = {}
     n = len(recipe.stages)
     world = f" x {distributed.world_size()} processes" if distributed.active() else ""

@@ -211,9 +211,12 @@ def teacher_key(cfg):
 def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any hashable key
     """The :class:`~compress.engine.Frozen` `teacher`'s logits (``teacher.logits``: BatchNorm
     folded) for every training image in every view the batches can show
-    ([views, N, classes]), computed once per run and cached; None when the batch transform
-    has no finite set of views (random crops), so the teacher must run on each batch.
-    Under torchrun each process computes its shard of the images and all gather the table."""
+    ([views, N, classes]), computed once and cached: in the run, and on disk under
+    ``runs/<recipe>/cache/`` (:func:`_stored_logits`), so that rerunning a distill or QAT
+    stage (a changed setting, a killed run, a sweep's trial) does not run the teacher over
+    the training set again. None when the batch transform has no finite set of views
+    (random crops), so the teacher must run on each batch. Under torchrun each process
+    computes its shard of the images and all gather the table."""
     from .. import distributed
     from ..data import Split, iterate
 
@@ -235,8 +238,91 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
                         out.append(torch.cat([teacher.logits(b.x).float() for b in batches]))
             return torch.stack(out, 1)
 
-        ctx.cache[key] = distributed.gather_rows(rows, len(train), train.x.device).transpose(0, 1).contiguous()
+        path = _stored_logits_path(ctx, teacher, views) if ctx.storage is not None else None
+        stored = None if path is None or ctx.fresh else _stored_logits(path, rows, len(train), bs)
+        if distributed.all_agree(stored is not None):   # every rank reads it, or every rank computes
+            if distributed.is_main():
+                print(f"  teacher logits for {len(train)} images x {views} views read from {path}", flush=True)
+            ctx.cache[key] = stored.to(train.x.device)
+        else:
+            ctx.cache[key] = distributed.gather_rows(rows, len(train), train.x.device).transpose(0, 1).contiguous()
+            if path is not None and distributed.is_main():
+                _store_logits(ctx.storage, path, ctx.cache[key])
     return ctx.cache[key]
+
+
+_KEEP_STORED_LOGITS = 4   # newest files kept per recipe (a few teachers, views, precisions)
+
+
+def _digest_tensor(h, t):
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _stored_logits_path(ctx, teacher, views):
+    """``runs/<recipe>/cache/teacher-logits-<digest>.pt``, the digest covering everything the
+    logits depend on: the teacher's weights and buffers, the training images and labels, the
+    normalization, the views, the precision, the device kind and inference batch size, and
+    the code (this package's version, torch's, and the source of the teacher's module
+    classes, the engine, the data pipeline and this file)."""
+    import hashlib
+    import inspect
+    import json
+
+    from .. import __version__, data as data_module, engine
+
+    h = hashlib.sha256()
+    for name, t in teacher.state_dict().items():
+        h.update(name.encode())
+        _digest_tensor(h, t)
+    _digest_tensor(h, ctx.data.train.x)
+    _digest_tensor(h, ctx.data.train.y)
+    files = {inspect.getsourcefile(type(m)) for m in teacher.modules()}
+    files |= {inspect.getsourcefile(engine), inspect.getsourcefile(data_module), __file__}
+    for f in sorted(f for f in files if f and "site-packages" not in f):
+        with open(f, "rb") as fh:
+            h.update(f.encode() + hashlib.sha256(fh.read()).digest())
+    h.update(json.dumps([views, ctx.precision, ctx.device.type, ctx.recipe.data.eval_batch_size,
+                         [float(v) for v in ctx.data.mean], [float(v) for v in ctx.data.std],
+                         __version__, torch.__version__]).encode())
+    return ctx.storage.run_dir / "cache" / f"teacher-logits-{h.hexdigest()[:16]}.pt"
+
+
+def _stored_logits(path, rows, n, batch):
+    """The [views, n, classes] table stored at `path`, when it is readable, finite, of that
+    shape, and its first `batch` rows are what the teacher computes now (``rows``: the
+    function that computes the whole table, here on its first batch); else None (the table
+    is then computed and stored again)."""
+    if not path.is_file():
+        return None
+    try:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:   # noqa: BLE001 - a damaged file is recomputed, whatever the damage
+        return None
+    probe = rows(torch.arange(min(n, batch))).transpose(0, 1).cpu()
+    if not (isinstance(table, torch.Tensor) and table.dtype == torch.float32 and table.dim() == 3
+            and table.shape[1] == n and table.shape[::2] == probe.shape[::2] and bool(torch.isfinite(table).all())):
+        return None
+    scale = float(probe.abs().max()) + 1e-6
+    # the same computation agrees to rounding (threads may sum in another order); another
+    # teacher, code or precision differs by far more
+    if not torch.allclose(table[:, :probe.shape[1]], probe, rtol=0, atol=1e-3 * scale):
+        return None
+    return table
+
+
+def _store_logits(storage, path, table):
+    """Write the table for later runs; a failed write (a full disk) costs only that."""
+    from ..checkpoint import atomic_write
+
+    try:
+        atomic_write(storage.owned(path), lambda p: torch.save(table.detach().cpu(), p))
+        old = sorted(path.parent.glob("teacher-logits-*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for f in old[_KEEP_STORED_LOGITS:]:
+            storage.remove(f)
+    except OSError as e:
+        print(f"  teacher logits not stored ({path}: {e.strerror or e}); later runs compute them again", flush=True)
 
 
 # Import every stage file so its @register runs (after the helpers above exist).
