@@ -173,8 +173,29 @@ def run_one(spec, config):
         if spec["shared"]:
             _link_tree(spec["shared_dir"], workdir, recipe.name, spec["shared"])
         (workdir / "overrides.json").write_text(json.dumps(dict(config), indent=1) + "\n")
+        shared_cache = Path(spec["shared_dir"]) / "runs" / recipe.name / "cache"
+        cache = workdir / "runs" / recipe.name / "cache"
+        _link_files(shared_cache, cache)    # teacher logits an earlier trial computed
         report = run_recipe(recipe, workdir=workdir, device=spec["device"])
+        _link_files(cache, shared_cache)    # ... and those this one computed, for the next
     return report
+
+
+def _link_files(src, dst):
+    """Hard-link (or copy) the files of folder `src` that `dst` lacks into `dst`. Writers
+    replace files by rename, so no run changes a file another run reads."""
+    if not src.is_dir():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for a in src.glob("*.pt"):
+        b = dst / a.name
+        if not b.exists():
+            try:
+                os.link(a, b)
+            except FileExistsError:   # a trial beside this one linked it first
+                pass
+            except OSError:
+                shutil.copy2(a, b)
 
 
 def _trainable(spec):

@@ -52,6 +52,9 @@ def test_grid_sweep_shares_the_teacher_and_marks_a_non_dominated_front(tmp_path,
         st = {s["name"]: s for s in t["stages"]}
         assert st["teacher"]["reused"] is True and st["qat"]["reused"] is False
         assert st["teacher"]["top1"] == shared["stages"][0]["top1"]
+    # the teacher's logits: computed by the first trials (two run at once), read by the others
+    (table,) = (tmp_path / f"runs/{name}-sweep/shared/runs/{name}/cache").glob("teacher-logits-*.pt")
+    assert table.stat().st_nlink >= 3
     params = {t["overrides"]["stages.prune.ratio"]: t["stages"][1]["params"] for t in trials}
     assert params[0.5] < params[0.3]                      # the parameter reached the stage
     # the front in sweep.md: non-dominated, and every other trial is dominated by some trial
