@@ -648,10 +648,11 @@ def test_an_architecture_prepared_before_takes_new_weights_without_a_capture(mon
     n = len(captures)
     for model, s, sh in [(TinyResNet(width=4), spec, shape), (TinyResNet(), spec, (1, 20, 20)),
                          (TinyResNet(), QuantSpec(float_convs="none", weight_bits=8), shape),
-                         (buffered, spec, shape), (buffered_too, spec, shape), (hooked, spec, shape), (hooked, spec, shape)]:
+                         (buffered, spec, shape), (buffered_too, spec, shape), (hooked, spec, shape)]:
         quantize_model(model, s, sh)
         n += 1
         assert len(captures) == n
+    assert pt2e._prepared_key(hooked, spec, shape) == (None, None)     # never stored either
 
 
 @pytest.mark.slow

@@ -278,8 +278,13 @@ def _stored_logits_path(ctx, teacher, views):
         _digest_tensor(h, t)
     _digest_tensor(h, ctx.data.train.x)
     _digest_tensor(h, ctx.data.train.y)
-    files = {inspect.getsourcefile(type(m)) for m in teacher.modules()}
-    files |= {inspect.getsourcefile(engine), inspect.getsourcefile(data_module), __file__}
+    def source(obj):
+        try:
+            return inspect.getsourcefile(obj)
+        except TypeError:   # defined where no file is (an interactive session): the first-batch check covers it
+            return None
+
+    files = {source(type(m)) for m in teacher.modules()} | {source(engine), source(data_module), __file__}
     for f in sorted(f for f in files if f and "site-packages" not in f):
         with open(f, "rb") as fh:
             h.update(f.encode() + hashlib.sha256(fh.read()).digest())
