@@ -242,7 +242,8 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
         stored = None if path is None or ctx.fresh else _stored_logits(path, rows, len(train), bs)
         if distributed.all_agree(stored is not None):   # every rank reads it, or every rank computes
             if distributed.is_main():
-                print(f"  teacher logits for {len(train)} images x {views} views read from {path}", flush=True)
+                print(f"  teacher logits for {len(train)} images x {views} view{'s' * (views != 1)} read from {path}",
+                      flush=True)
             ctx.cache[key] = stored.to(train.x.device)
         else:
             ctx.cache[key] = distributed.gather_rows(rows, len(train), train.x.device).transpose(0, 1).contiguous()
