@@ -5,6 +5,7 @@ import importlib
 import pkgutil
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -279,16 +280,20 @@ def _stored_logits_path(ctx, teacher, views):
         _digest_tensor(h, t)
     _digest_tensor(h, ctx.data.train.x)
     _digest_tensor(h, ctx.data.train.y)
+
     def source(obj):
         try:
             return inspect.getsourcefile(obj)
         except TypeError:   # defined where no file is (an interactive session): the first-batch check covers it
             return None
 
+    # this package's files and the user's, by content (a moved checkout finds its tables); an
+    # installed library's (torchvision's, timm's models) are left to the first-batch check
+    package = Path(__file__).resolve().parents[1]
     files = {source(type(m)) for m in teacher.modules()} | {source(engine), source(data_module), __file__}
-    for f in sorted(f for f in files if f and "site-packages" not in f):
-        with open(f, "rb") as fh:
-            h.update(f.encode() + hashlib.sha256(fh.read()).digest())
+    files = {Path(f).resolve() for f in files if f}
+    for f in sorted(f for f in files if package in f.parents or "site-packages" not in f.parts):
+        h.update(hashlib.sha256(f.read_bytes()).digest())
     h.update(json.dumps([views, ctx.precision, ctx.device.type, ctx.recipe.data.eval_batch_size,
                          [float(v) for v in ctx.data.mean], [float(v) for v in ctx.data.std],
                          __version__, torch.__version__]).encode())
