@@ -41,6 +41,14 @@ def write_json(path, obj):
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
 
 
+def digest_tensor(h, t):
+    """Feed `t`'s dtype, shape and bytes (in NCHW order, on the CPU) to the hash `h`."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h
+
+
 def sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

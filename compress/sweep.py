@@ -131,13 +131,20 @@ def _link_tree(src_workdir, dst_workdir, recipe_name, stages):
         if old.is_file() and json.loads(old.read_text()).get("key") == meta.get("key"):
             continue
         for rel in [*meta.get("hashes", {}), os.path.relpath(meta_path, src_workdir)]:
-            a, b = Path(src_workdir) / rel, Path(dst_workdir) / rel
+            b = Path(dst_workdir) / rel
             b.parent.mkdir(parents=True, exist_ok=True)
             b.unlink(missing_ok=True)
-            try:
-                os.link(a, b)
-            except OSError:
-                shutil.copy2(a, b)
+            _link(Path(src_workdir) / rel, b)
+
+
+def _link(a, b):
+    """Hard-link file `a` as `b`, or copy it across file systems."""
+    try:
+        os.link(a, b)
+    except FileExistsError:   # another trial linked it first: the same content
+        pass
+    except OSError:
+        shutil.copy2(a, b)
 
 
 def _point(report, workdir):
@@ -188,14 +195,8 @@ def _link_files(src, dst):
         return
     dst.mkdir(parents=True, exist_ok=True)
     for a in src.glob("*.pt"):
-        b = dst / a.name
-        if not b.exists():
-            try:
-                os.link(a, b)
-            except FileExistsError:   # a trial beside this one linked it first
-                pass
-            except OSError:
-                shutil.copy2(a, b)
+        if not (dst / a.name).exists():
+            _link(a, dst / a.name)
 
 
 def _trainable(spec):

@@ -601,8 +601,9 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 
 def _tensor_key(t: Tensor):
-    t = t.detach().cpu().contiguous()
-    return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha1(t.reshape(-1).view(torch.uint8).numpy()).hexdigest())
+    from ..checkpoint import digest_tensor
+
+    return ("tensor", digest_tensor(hashlib.sha256(), t).hexdigest())
 
 
 def _value_key(v):
@@ -707,8 +708,9 @@ def _remember_prepared(key, classes, q: PT2EModel, alias=None):
 def _lead_reproducible(gm: GraphModule, float_layers) -> bool:
     """Whether naming `float_layers` (as a checkpoint does) floats exactly the convs the rule
     floated here: no conv outside the lead shares a module path with one inside it."""
+    paths = set(float_layers)
     named = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _CONVS
-             and _module_path(n) in set(float_layers)]
+             and _module_path(n) in paths]
     return len(named) == len(float_layers)
 
 

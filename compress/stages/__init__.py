@@ -256,12 +256,6 @@ def teacher_logits(ctx, teacher_name, teacher, augment):  # teacher_name: any ha
 _KEEP_STORED_LOGITS = 4   # newest files kept per recipe (a few teachers, views, precisions)
 
 
-def _digest_tensor(h, t):
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def _stored_logits_path(ctx, teacher, views):
     """``runs/<recipe>/cache/teacher-logits-<digest>.pt``, the digest covering everything the
     logits depend on: the teacher's weights and buffers, the training images and labels, the
@@ -273,13 +267,14 @@ def _stored_logits_path(ctx, teacher, views):
     import json
 
     from .. import __version__, data as data_module, engine
+    from ..checkpoint import digest_tensor
 
     h = hashlib.sha256()
     for name, t in teacher.state_dict().items():
         h.update(name.encode())
-        _digest_tensor(h, t)
-    _digest_tensor(h, ctx.data.train.x)
-    _digest_tensor(h, ctx.data.train.y)
+        digest_tensor(h, t)
+    digest_tensor(h, ctx.data.train.x)
+    digest_tensor(h, ctx.data.train.y)
 
     def source(obj):
         try:
