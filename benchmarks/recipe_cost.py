@@ -2,6 +2,7 @@
 plain PyTorch training loop of its teacher, measured on the same machine in the same run.
 
     python benchmarks/recipe_cost.py [RECIPE] [--set PATH=VALUE ...] [--threads N] [--device cpu|cuda]
+                                     [--repeat N]
 
 1. one epoch of a plain loop (`throughput.plain_loop`: vgg_small, batch 256,
    channels_last, the training set as one in-memory tensor, SGD; on CUDA under bf16
@@ -10,7 +11,9 @@ plain PyTorch training loop of its teacher, measured on the same machine in the 
    (process start-up, data loading and every stage included);
 3. the plain epoch again (the load of a shared machine drifts; both are printed and their
    mean is the unit);
-4. `compress bench` of the INT8 student against its FP32 twin, timed in turns.
+4. with ``--repeat N``, steps 2 and 3 N times in all (fresh runs, each against the mean of the
+   plain epochs just before and after it), then the median of the N ratios;
+5. `compress bench` of the (last run's) INT8 student against its FP32 twin, timed in turns.
 
 It prints the machine (lscpu model and flags, library versions, threads), the stage times,
 the ratio wall / plain epoch, and the default recipe's targets: ratio <= 6, INT8 top-1 >= 92.5%
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,28 +94,41 @@ def main():
                    help="threads of the plain loop; the recipe uses torch's default (same unless set)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the plain loop and the recipe train (onnxruntime times the files on the CPU)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="fresh runs of the recipe, each between two plain epochs; the median ratio is "
+                        "quoted (a shared machine's load comes and goes)")
     a = p.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device (torch.cuda.is_available() is False); valid: cpu",
               file=sys.stderr)
         return 2
+    if a.repeat < 1:
+        print(f"error: --repeat must be at least 1, got {a.repeat}", file=sys.stderr)
+        return 2
     device = torch.device(a.device)
     print("\n".join(machine_lines(a.threads)))
     data = fashion_mnist(root=str(fmnist_source()))
-    before = plain_epoch(data, a.threads, device)
-    print(f"plain PyTorch epoch (vgg_small, {len(data.train)} images, batch {BATCH}, {device}): {before:.1f} s", flush=True)
+    plains = [plain_epoch(data, a.threads, device)]
+    print(f"plain PyTorch epoch (vgg_small, {len(data.train)} images, batch {BATCH}, {device}): {plains[0]:.1f} s",
+          flush=True)
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    with tempfile.TemporaryDirectory() as work:
-        cmd = [sys.executable, "-m", "compress", "run", a.recipe, "--workdir", work, "--device", a.device,
-               "--fresh", *sum((["--set", s] for s in a.overrides), [])]
-        print("$ " + " ".join(cmd[1:]), flush=True)
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, cwd=Path(__file__).resolve().parents[1])
-        wall = time.perf_counter() - t0
-        exp = next(Path(work, "exports").glob("*/report.json")).parent
-        rep = json.loads((exp / "report.json").read_text())
-        after = plain_epoch(data, a.threads, device)
-        print(f"plain PyTorch epoch again: {after:.1f} s")
+    walls, reps = [], []
+    with tempfile.TemporaryDirectory() as top:
+        for i in range(a.repeat):
+            work = Path(top, f"run{i}")
+            cmd = [sys.executable, "-m", "compress", "run", a.recipe, "--workdir", str(work), "--device", a.device,
+                   "--fresh", *sum((["--set", s] for s in a.overrides), [])]
+            print(("" if a.repeat == 1 else f"\nrun {i + 1} of {a.repeat}\n") + "$ " + " ".join(cmd[1:]), flush=True)
+            t0 = time.perf_counter()
+            rc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1]).returncode
+            if rc:   # compress printed why
+                return rc
+            walls.append(time.perf_counter() - t0)
+            exp = next(Path(work, "exports").glob("*/report.json")).parent
+            reps.append(json.loads((exp / "report.json").read_text()))
+            plains.append(plain_epoch(data, a.threads, device))
+            print(f"plain PyTorch epoch again: {plains[-1]:.1f} s", flush=True)
+        rep = reps[-1]
         ex = {(e["model"], e["format"]): e for e in rep["exports"]}
         q = next((e for e in rep["exports"] if e["format"] == "onnx-int8"), None)
         twin = ex.get((rep["stages"][[s["name"] for s in rep["stages"]].index(q["model"]) - 1]["name"],
@@ -124,16 +141,27 @@ def main():
             bench_out = subprocess.run(bcmd, check=True, env=env, capture_output=True, text=True,
                                        cwd=Path(__file__).resolve().parents[1]).stdout
             print(bench_out)
-    unit = (before + after) / 2
-    total = rep["total_seconds"]
-    print(f"{'stage':<12}{'kind':<9}{'seconds':>9}{'plain epochs':>14}{'top1 %':>9}")
-    for s in rep["stages"]:
-        print(f"{s['name']:<12}{s['kind']:<9}{s['seconds']:>9.1f}{s['seconds'] / unit:>14.2f}"
-              f"{s['top1'] if s['top1'] is not None else '':>9}")
-    print(f"{'stages':<21}{total:>9.1f}{total / unit:>14.2f}")
-    ratio = wall / unit
-    print(f"\nwall (process, incl. start-up and data) {wall:.1f} s; plain epoch {before:.1f} / {after:.1f} s "
-          f"(mean {unit:.1f} s)\nrecipe wall / plain teacher epoch: {ratio:.2f}x")
+    units = [(b + c) / 2 for b, c in zip(plains, plains[1:])]   # each run against its neighbours
+    ratios = [w / u for w, u in zip(walls, units)]
+    w = 9 + 8 * (a.repeat - 1)   # room for 'a / b / c' seconds
+    print(f"{'stage':<12}{'kind':<9}{'seconds':>{w}}{'plain epochs':>14}{'top1 %':>{w}}")
+    for k, s in enumerate(rep["stages"]):
+        secs = [r["stages"][k]["seconds"] for r in reps]
+        tops = [r["stages"][k]["top1"] for r in reps]
+        top = "" if tops[0] is None else " / ".join(f"{t:g}" for t in dict.fromkeys(tops))
+        print(f"{s['name']:<12}{s['kind']:<9}{' / '.join(f'{x:.1f}' for x in secs):>{w}}"
+              f"{statistics.median(x / u for x, u in zip(secs, units)):>14.2f}{top:>{w}}")
+    totals = [r["total_seconds"] for r in reps]
+    print(f"{'stages':<21}{' / '.join(f'{x:.1f}' for x in totals):>{w}}"
+          f"{statistics.median(x / u for x, u in zip(totals, units)):>14.2f}")
+    ratio = statistics.median(ratios)
+    print(f"\nwall (process, incl. start-up and data) {' / '.join(f'{x:.1f}' for x in walls)} s; plain epochs "
+          f"{' / '.join(f'{x:.1f}' for x in plains)} s")
+    if a.repeat == 1:
+        print(f"recipe wall / plain teacher epoch: {ratio:.2f}x")
+    else:
+        print(f"recipe wall / plain teacher epoch, each run against the plain epochs beside it: "
+              f"{' / '.join(f'{r:.2f}' for r in ratios)}x, median {ratio:.2f}x")
     if not q:
         return 0
     ref = ex.get((rep["reference"], "onnx-fp32"))
