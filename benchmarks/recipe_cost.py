@@ -4,6 +4,8 @@ plain PyTorch training loop of its teacher, measured on the same machine in the 
     python benchmarks/recipe_cost.py [RECIPE] [--set PATH=VALUE ...] [--threads N] [--device cpu|cuda]
                                      [--repeat N]
 
+0. `compress validate RECIPE` (with the `--set`s): a recipe compress refuses stops the script
+   in seconds, with compress's one-line error and exit status;
 1. one epoch of a plain loop (`throughput.plain_loop`: vgg_small, batch 256,
    channels_last, the training set as one in-memory tensor, SGD; on CUDA under bf16
    autocast) over the whole training set, on `--device`;
@@ -106,21 +108,28 @@ def main():
         print(f"error: --repeat must be at least 1, got {a.repeat}", file=sys.stderr)
         return 2
     device = torch.device(a.device)
+    sets = sum((["--set", s] for s in a.overrides), [])
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    # a recipe that compress refuses fails here, in seconds, not after a plain epoch
+    rc = subprocess.run([sys.executable, "-m", "compress", "validate", a.recipe, *sets], env=env, cwd=root,
+                        stdout=subprocess.DEVNULL).returncode
+    if rc:   # compress printed why
+        return rc
     print("\n".join(machine_lines(a.threads)))
     data = fashion_mnist(root=str(fmnist_source()))
     plains = [plain_epoch(data, a.threads, device)]
     print(f"plain PyTorch epoch (vgg_small, {len(data.train)} images, batch {BATCH}, {device}): {plains[0]:.1f} s",
           flush=True)
-    env = {**os.environ, "TQDM_DISABLE": "1"}
     walls, reps = [], []
     with tempfile.TemporaryDirectory() as top:
         for i in range(a.repeat):
             work = Path(top, f"run{i}")
             cmd = [sys.executable, "-m", "compress", "run", a.recipe, "--workdir", str(work), "--device", a.device,
-                   "--fresh", *sum((["--set", s] for s in a.overrides), [])]
+                   "--fresh", *sets]
             print(("" if a.repeat == 1 else f"\nrun {i + 1} of {a.repeat}\n") + "$ " + " ".join(cmd[1:]), flush=True)
             t0 = time.perf_counter()
-            rc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[1]).returncode
+            rc = subprocess.run(cmd, env=env, cwd=root).returncode
             if rc:   # compress printed why
                 return rc
             walls.append(time.perf_counter() - t0)
@@ -138,8 +147,7 @@ def main():
             bcmd = [sys.executable, "-m", "compress", "bench", str(exp / q["path"]), "--compare",
                     str(exp / twin["path"]), "--batch", "1", "64", "--runs", "200", "--threads", str(a.threads)]
             print("$ " + " ".join(bcmd[1:]).replace(str(exp), "exports/<recipe>"), flush=True)
-            bench_out = subprocess.run(bcmd, check=True, env=env, capture_output=True, text=True,
-                                       cwd=Path(__file__).resolve().parents[1]).stdout
+            bench_out = subprocess.run(bcmd, check=True, env=env, capture_output=True, text=True, cwd=root).stdout
             print(bench_out)
     units = [(b + c) / 2 for b, c in zip(plains, plains[1:])]   # each run against its neighbours
     ratios = [w / u for w, u in zip(walls, units)]
