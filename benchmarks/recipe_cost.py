@@ -88,6 +88,11 @@ def b64_ratio(bench_out):
     return r[0] / r[1] if len(r) >= 2 else float("nan")
 
 
+def slashed(values, fmt=".1f"):
+    """'a / b / c': one value per run."""
+    return " / ".join(f"{v:{fmt}}" for v in values)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", default="recipes/vgg_prune_kd.yaml")
@@ -156,20 +161,20 @@ def main():
     for k, s in enumerate(rep["stages"]):
         secs = [r["stages"][k]["seconds"] for r in reps]
         tops = [r["stages"][k]["top1"] for r in reps]
-        top = "" if tops[0] is None else " / ".join(f"{t:g}" for t in dict.fromkeys(tops))
-        print(f"{s['name']:<12}{s['kind']:<9}{' / '.join(f'{x:.1f}' for x in secs):>{w}}"
+        top = "" if tops[0] is None else slashed(dict.fromkeys(tops), "g")
+        print(f"{s['name']:<12}{s['kind']:<9}{slashed(secs):>{w}}"
               f"{statistics.median(x / u for x, u in zip(secs, units)):>14.2f}{top:>{w}}")
     totals = [r["total_seconds"] for r in reps]
-    print(f"{'stages':<21}{' / '.join(f'{x:.1f}' for x in totals):>{w}}"
+    print(f"{'stages':<21}{slashed(totals):>{w}}"
           f"{statistics.median(x / u for x, u in zip(totals, units)):>14.2f}")
     ratio = statistics.median(ratios)
-    print(f"\nwall (process, incl. start-up and data) {' / '.join(f'{x:.1f}' for x in walls)} s; plain epochs "
-          f"{' / '.join(f'{x:.1f}' for x in plains)} s")
+    print(f"\nwall (process, incl. start-up and data) {slashed(walls)} s; plain epochs "
+          f"{slashed(plains)} s")
     if a.repeat == 1:
         print(f"recipe wall / plain teacher epoch: {ratio:.2f}x")
     else:
         print(f"recipe wall / plain teacher epoch, each run against the plain epochs beside it: "
-              f"{' / '.join(f'{r:.2f}' for r in ratios)}x, median {ratio:.2f}x")
+              f"{slashed(ratios, '.2f')}x, median {ratio:.2f}x")
     if not q:
         return 0
     ref = ex.get((rep["reference"], "onnx-fp32"))

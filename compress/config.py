@@ -6,6 +6,7 @@ the field, e.g. ``stages[1].ratio: must be < 1, got 1.5``.
 
 import copy
 import difflib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -415,11 +416,24 @@ class Recipe(Spec):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _source_file(obj):
+def source_file(obj):
+    """The file defining `obj` (a class, function or module), or None (built-in, or defined
+    where no file is, as in an interactive session)."""
     try:
         return inspect.getsourcefile(obj)
     except TypeError:   # built-in: no source of its own
         return None
+
+
+@functools.lru_cache(maxsize=1)
+def _library_dirs():
+    return tuple({Path(d).resolve() for k, d in sysconfig.get_paths().items() if k.endswith(("stdlib", "lib")) and d})
+
+
+def library_file(f):
+    """Whether file `f` belongs to the standard library or an installed library (site-packages)."""
+    p = Path(f).resolve()
+    return any(d == p or d in p.parents for d in _library_dirs())
 
 
 def _user_files(obj):
@@ -428,11 +442,10 @@ def _user_files(obj):
     that module's globals name, outside the standard library, site-packages and this package
     (e.g. a model class a plugin imports from a file beside it)."""
     package = Path(__file__).resolve().parent
-    libs = {Path(d).resolve() for k, d in sysconfig.get_paths().items() if k.endswith(("stdlib", "lib")) and d}
 
     def user(f):
         p = Path(f).resolve()
-        return not any(d == p or d in p.parents for d in (package, *libs))
+        return not (p == package or package in p.parents or library_file(p))
 
     todo, seen, files = [inspect.getmodule(obj)], set(), []
     while todo:
@@ -469,7 +482,7 @@ def code_files(recipe, stage):
     for _, m in stage.model_refs():
         if m in recipe.models and recipe.models[m].arch in MODELS:
             objs.append(MODELS[recipe.models[m].arch])
-    files = {f for f in map(_source_file, objs) if f}
+    files = {f for f in map(source_file, objs) if f}
     files.update(f for o in objs for f in _user_files(o))
     return sorted(files)
 
@@ -480,9 +493,15 @@ def code_fingerprint(recipe, stage):
     the stages that use it, and only those (and the stages that read their results)."""
     from . import __version__
 
+    return {"version": __version__, "files": source_digests(code_files(recipe, stage))}
+
+
+def source_digests(files):
+    """{name: SHA-256 prefix} of source `files`, named independently of where the package or a
+    plugin lives (``compress/...``, ``plugin:<file name>``): a moved checkout matches."""
     package = Path(__file__).resolve().parent
     digests = {}
-    for f in code_files(recipe, stage):
+    for f in files:
         try:
             with open(f, "rb") as fh:
                 digest = hashlib.sha256(fh.read()).hexdigest()[:16]
@@ -492,7 +511,7 @@ def code_fingerprint(recipe, stage):
         # named independently of where the package or plugin lives: a moved checkout reuses
         name = f"compress/{p.relative_to(package).as_posix()}" if package in p.parents else f"plugin:{p.name}"
         digests[name] = digest
-    return {"version": __version__, "files": digests}
+    return digests
 
 
 # ---- loading -------------------------------------------------------------------------------

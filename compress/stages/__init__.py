@@ -263,11 +263,11 @@ def _stored_logits_path(ctx, teacher, views):
     the code (this package's version, torch's, and the source of the teacher's module
     classes, the engine, the data pipeline and this file)."""
     import hashlib
-    import inspect
     import json
 
     from .. import __version__, data as data_module, engine
     from ..checkpoint import digest_tensor
+    from ..config import library_file, source_digests, source_file
 
     h = hashlib.sha256()
     for name, t in teacher.state_dict().items():
@@ -275,20 +275,13 @@ def _stored_logits_path(ctx, teacher, views):
         digest_tensor(h, t)
     digest_tensor(h, ctx.data.train.x)
     digest_tensor(h, ctx.data.train.y)
-
-    def source(obj):
-        try:
-            return inspect.getsourcefile(obj)
-        except TypeError:   # defined where no file is (an interactive session): the first-batch check covers it
-            return None
-
     # this package's files and the user's, by content (a moved checkout finds its tables); an
     # installed library's (torchvision's, timm's models) are left to the first-batch check
-    package = Path(__file__).resolve().parents[1]
-    files = {source(type(m)) for m in teacher.modules()} | {source(engine), source(data_module), __file__}
-    files = {Path(f).resolve() for f in files if f}
-    for f in sorted(f for f in files if package in f.parents or "site-packages" not in f.parts):
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+    files = {source_file(type(m)) for m in teacher.modules()} | {source_file(engine), source_file(data_module),
+                                                                    __file__}
+    package = Path(__file__).resolve().parents[1]   # kept when installed in site-packages too
+    files = sorted(f for f in files if f and (package in Path(f).resolve().parents or not library_file(f)))
+    h.update(json.dumps(source_digests(files), sort_keys=True).encode())
     h.update(json.dumps([views, ctx.precision, ctx.device.type, ctx.recipe.data.eval_batch_size,
                          [float(v) for v in ctx.data.mean], [float(v) for v in ctx.data.std],
                          __version__, torch.__version__]).encode())
