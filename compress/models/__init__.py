@@ -14,7 +14,6 @@ classifier's *input*, the pooled, flattened vector the logits are computed from.
 import inspect
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -143,6 +142,9 @@ def _drop(n_now, n_want):
 def _resize(m, s):
     """Shrink layer `m` in place to the recorded shape `s` with torch-pruning's per-layer
     pruning functions (they keep depthwise groups and subclass attributes consistent)."""
+    import torch_pruning as tp   # here, not at the top: with the timm and torchvision it imports,
+    # 2.5-3 s that commands which only read ONNX files or results (bench, compare) never need
+
     cur = _shape(m)
     if isinstance(m, nn.Conv2d):
         dw = cur["groups"] == cur["in_channels"] == cur["out_channels"] > 1

@@ -6,7 +6,6 @@ import math
 from typing import Literal, Optional
 
 import torch
-import torch_pruning as tp
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -18,17 +17,27 @@ from ..registry import Registry
 from . import StageResult, describe, model_cost, plan_student, prepare, register
 
 IMPORTANCES = Registry("importance criterion")
+
+
+def _tp():
+    """torch-pruning, imported on first use (with the timm and torchvision it imports, 2.5-3 s
+    of start-up that a command refusing a malformed recipe need not pay)."""
+    import torch_pruning
+
+    return torch_pruning
+
+
 # Classic per-filter L1 (Li et al. 2017, "Pruning Filters for Efficient ConvNets"): each
 # filter ranked by the L1 norm of its own weights, no normalisation across layers.
-IMPORTANCES.register("l1")(lambda: tp.importance.MagnitudeImportance(p=1, normalizer=None,
-                                                                     group_reduction="first"))
-IMPORTANCES.register("l2")(lambda: tp.importance.MagnitudeImportance(p=2, normalizer=None,
-                                                                     group_reduction="first"))
+IMPORTANCES.register("l1")(lambda: _tp().importance.MagnitudeImportance(p=1, normalizer=None,
+                                                                       group_reduction="first"))
+IMPORTANCES.register("l2")(lambda: _tp().importance.MagnitudeImportance(p=2, normalizer=None,
+                                                                       group_reduction="first"))
 # torch-pruning's default: L1 summed over the whole dependency group, mean-normalised.
-IMPORTANCES.register("group_l1")(lambda: tp.importance.MagnitudeImportance(p=1))
+IMPORTANCES.register("group_l1")(lambda: _tp().importance.MagnitudeImportance(p=1))
 # Network slimming (Liu et al. 2017): |gamma| of the BatchNorm after each conv.
-IMPORTANCES.register("bn_scale")(lambda: tp.importance.BNScaleImportance())
-IMPORTANCES.register("random")(lambda: tp.importance.RandomImportance())
+IMPORTANCES.register("bn_scale")(lambda: _tp().importance.BNScaleImportance())
+IMPORTANCES.register("random")(lambda: _tp().importance.RandomImportance())
 
 
 class PruneStage(StageSpec):
@@ -83,7 +92,7 @@ def prune_model(model, cfg, input_shape, num_classes, ratio):
         # (ResNeXt's 32 groups of 4: 2 per group becomes 8, which empties every group, so it
         # skips the layer): each group's ratio is rounded here instead, in its own arithmetic
         per_layer, round_to = rounded_ratios(model, example, ignored, per_layer, ratio, round_to), None
-    pruner = tp.pruner.BasePruner(
+    pruner = _tp().pruner.BasePruner(
         model, example, importance=IMPORTANCES[cfg.importance](), global_pruning=cfg.global_,
         pruning_ratio=ratio, pruning_ratio_dict=per_layer or None, iterative_steps=cfg.steps,
         ignored_layers=ignored, round_to=round_to)
@@ -103,7 +112,7 @@ def channel_groups(dg, m):
 
 
 def has_channel_groups(model):
-    dg = tp.DependencyGraph()   # unbuilt: only its registry of pruners by layer type
+    dg = _tp().DependencyGraph()   # unbuilt: only its registry of pruners by layer type
     return any(channel_groups(dg, m) > 1 for m in model.modules())
 
 
@@ -120,7 +129,7 @@ def rounded_ratios(model, example, ignored, per_layer, ratio, step):
     """{layer: ratio} for every layer torch-pruning will narrow, such that its own count
     (int(size * (1 - ratio)) per channel group) keeps a multiple of `step` channels in all:
     `round_to` for models with grouped convs or GroupNorm. A group left as it is gets 0."""
-    dg = tp.DependencyGraph().build_dependency(model, example)
+    dg = _tp().DependencyGraph().build_dependency(model, example)
     skipped = [x for m in ignored for x in m.modules()]
     out = {}
     for group in dg.get_all_groups(ignored_layers=skipped, root_module_types=[nn.Conv2d, nn.Linear]):
@@ -225,7 +234,7 @@ def dependency_groups(model, input_shape):
     joined by a residual add have the group's width (the same channels go from each);
     layers whose outputs are concatenated and then read by an add or a depthwise conv share
     one group as wide as their sum, which torch-pruning ranks, rounds and splits as a whole."""
-    dg = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *input_shape))
+    dg = _tp().DependencyGraph().build_dependency(model, torch.zeros(1, *input_shape))
     names = {m: p for p, m in model.named_modules()}
     order = {p: i for i, p in enumerate(names.values())}
     groups = []
