@@ -11,7 +11,7 @@ activations, 7-bit symmetric per-channel int8 weights, which onnxruntime fuses i
 QLinearConv). Both run in turns (one call of each per round) and onnxruntime's profiler
 times the convolution's own kernel (the layout transposes and the input's quantization that
 a one-conv graph adds are not counted: in a whole graph they are shared). It prints the
-medians, INT8/FP32, and whether `compress`'s rule (``compress.onnx_io.integer_conv_slow``,
+medians, INT8/FP32, and whether `compress`'s rule (``compress.ort_runtime.integer_conv_slow``,
 used by ``float_convs: auto``) keeps that conv float, so the rule can be checked against
 this CPU's kernels.
 """
@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import machine_lines  # noqa: E402
 
-from compress.onnx_io import integer_conv_slow  # noqa: E402
+from compress.ort_runtime import integer_conv_slow  # noqa: E402
 
 SHAPES = [(cin, cout) for cout in (8, 16, 32) for cin in (1, 3, 4, 8, 16, 32)]   # (in, out) channels
 DEPTHWISE = (8, 16, 24, 32, 48, 64, 96, 144, 240)     # channels of the depthwise grid (groups = channels)

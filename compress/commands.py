@@ -111,7 +111,7 @@ def evaluate_onnx(path, data=None, root=None, test_subset=None):
 
     from .config import DataSpec
     from .data import DATASETS, load_data
-    from .onnx_io import ort_logits, ort_session
+    from .ort_runtime import ort_logits, ort_session
 
     path = _onnx_file(path)
     props, _, shape, input_type = onnx_info(path)
@@ -249,7 +249,7 @@ def bench(path, batches=(1, 64), threads=None, runs=50):
 def bench_side_by_side(paths, batches=(1, 64), threads=None, runs=50):
     """`bench` of several files, measured in turns (see ``ort_latency_side_by_side``):
     one {batch: {...}} per file."""
-    from .onnx_io import ort_latency_side_by_side
+    from .ort_runtime import ort_latency_side_by_side
 
     out = [{} for _ in paths]
     for b in batches:
@@ -319,7 +319,7 @@ def _twin_for(path, compare):
 def cmd_bench(args):
     import onnxruntime as ort
 
-    from .onnx_io import int8_kernels
+    from .ort_runtime import int8_kernels
 
     path = _onnx_file(args.model)
     bad = [b for b in args.batch if not 1 <= b <= MAX_BENCH_BATCH]

@@ -9,6 +9,12 @@ class CompressError(Exception):
     exit_code = 2
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and the first non-blank line of its message."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:limit]
+
+
 def did_you_mean(name, valid):
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)

@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .storage import atomic_write
 
 FORMAT_MARKERS = {"onnx-fp32": "o", "onnx-int8": "s"}
 # cost keys of an export point, with axis labels

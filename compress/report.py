@@ -11,9 +11,8 @@ from typing import Optional
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkpoint import write_json, atomic_write
 from .errors import CompressError
-from .storage import SafeName
+from .storage import SafeName, atomic_write, write_json
 
 
 class Row(BaseModel):
@@ -268,7 +267,7 @@ def _why_not_faster(report, export, batch, ms):
         ops = export.get("check", {}).get("ort_int8_ops", {})
         of = f" of its {ops['QLinearConv']}" if ops.get("QLinearConv") else ""
         return (f"because {slow}{of} integer convolutions have shapes onnxruntime runs slower as INT8 than "
-                "as FP32 (compress.onnx_io.integer_conv_slow, measured by benchmarks/int8_convs.py): a qat "
+                "as FP32 (compress.ort_runtime.integer_conv_slow, measured by benchmarks/int8_convs.py): a qat "
                 "stage's `float_convs: auto` keeps such convolutions float where they lead from the input")
     if vnni == []:
         return ("because this CPU has no VNNI: onnxruntime's integer convolutions then multiply in "

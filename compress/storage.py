@@ -9,15 +9,44 @@ process ends, however it ends, so a killed run never leaves a stale lock behind.
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator
 
 from .errors import CompressError
+
+# mkstemp creates files readable by their owner alone; results get the usual mode instead.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+def atomic_write(path, write):
+    """Call ``write(tmp_path)`` then rename over `path`: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
 
 # A name that becomes a path component: letters, digits, '_', '-' and '.', not starting with
 # '.' (so never '.', '..' or a hidden file), no separators; 100 characters at most.

@@ -143,7 +143,8 @@ def test_the_quantization_code_is_part_of_the_qat_and_export_keys_only(tiny_reci
     recipe = parse_recipe(tiny_recipe_dict)
     files = {s.kind: {Path(f).as_posix().split("compress/")[-1] for f in config.code_files(recipe, s)}
              for s in recipe.stages}
-    backend = {"quant/__init__.py", "quant/eager.py", "quant/pt2e.py", "quant/spec.py", "onnx_io.py"}
+    backend = {"quant/__init__.py", "quant/eager.py", "quant/pt2e.py", "quant/spec.py", "onnx_io.py",
+               "ort_runtime.py"}
     assert backend <= files["qat"] and backend <= files["export"]
     assert not backend & (files["train"] | files["prune"] | files["distill"])
     keys = [recipe.stage_key(i, {}) for i in range(len(recipe.stages))]

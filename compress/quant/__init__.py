@@ -26,9 +26,11 @@ from .spec import BACKENDS, QuantSpec  # noqa: F401
 from ..errors import CompressError
 
 # The modules whose code turns a float model into the integer one and its ONNX file (the
-# backends, the scheme, and onnx_io's export and its rule for which convs stay float): part
-# of the cache key of the stages that quantize or export (``StageKind.code``).
-CODE = (__name__, eager.__name__, pt2e.__name__, f"{__name__}.spec", f"{__package__.rsplit('.', 1)[0]}.onnx_io")
+# backends, the scheme, onnx_io's export, and ort_runtime's rule for which convs stay float
+# and its checks of the file): part of the cache key of the stages that quantize or export
+# (``StageKind.code``).
+_PACKAGE = __package__.rsplit(".", 1)[0]
+CODE = (__name__, eager.__name__, pt2e.__name__, f"{__name__}.spec", f"{_PACKAGE}.onnx_io", f"{_PACKAGE}.ort_runtime")
 
 
 def eager_supports(model: nn.Module) -> bool:

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from ..errors import CompressError
+from ..errors import CompressError, one_line
 
 _ATEN = torch.ops.aten
 
@@ -240,7 +240,7 @@ def make_quantizer(spec):
         def annotate(self, gm: GraphModule) -> GraphModule:
             # The float lead: with ``float_convs: auto`` the convs `_best_lead` picks from the
             # input on (those onnxruntime runs slower as integer kernels, by
-            # ``onnx_io.integer_conv_slow``, and any integer-worthy ones between them) stay float,
+            # ``ort_runtime.integer_conv_slow``, and any integer-worthy ones between them) stay float,
             # and so does everything computed only from them; the graph turns integer at the
             # first op that takes an integer input. Only a lead, never a float island inside the
             # integer graph: there onnxruntime would quantize a float conv's weights itself.
@@ -295,7 +295,7 @@ def make_quantizer(spec):
             pass
 
     def _slow_conv(n):
-        from ..onnx_io import integer_conv_slow
+        from ..ort_runtime import integer_conv_slow
 
         w = n.args[1].meta.get("val")
         groups = _arg(n, 6, "groups", 1)
@@ -334,7 +334,7 @@ def make_quantizer(spec):
     def _best_lead(gm):
         """The convs allowed to stay float: the first k in graph order, for the k that
         leaves the fewest convs on the wrong side -- integer-worthy convs kept float plus
-        convs slow as INT8 (``onnx_io.integer_conv_slow``) left integer; the smallest such k.
+        convs slow as INT8 (``ort_runtime.integer_conv_slow``) left integer; the smallest such k.
         A lead can pass an integer-worthy conv to reach slow ones behind it (a MobileNetV2's
         4 -> 24 expansion between 8-channel depthwise convs and projections) where a float
         conv inside the integer graph could not be: onnxruntime would quantize its weights.
@@ -385,11 +385,6 @@ def make_quantizer(spec):
 # ---- capture and prepare ----------------------------------------------------------------
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:240]
-
-
 # Random ops a training-mode capture can hold. torchao's move to eval mode rewrites dropout
 # (aten.dropout) only: any of these left in the graph would draw in evaluation and in the
 # exported file too.
@@ -433,7 +428,7 @@ def capture(model: nn.Module, input_shape) -> GraphModule:
             gm = torch.export.export(m, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
     except Exception as e:  # the exporter raises many types; the user needs one line
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): torch.export "
-                            f"cannot capture it ({_one_line(e)})") from None
+                            f"cannot capture it ({one_line(e, 240)})") from None
     drawn = random_nodes(gm)
     if drawn:
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): in training mode it draws random "
@@ -737,7 +732,7 @@ def quantize_model(model: nn.Module, spec, input_shape) -> PT2EModel:
         raise
     except Exception as e:
         raise CompressError(f"cannot quantize the model ({type(model).__name__}): PT2E "
-                            f"preparation failed ({_one_line(e)})") from None
+                            f"preparation failed ({one_line(e, 240)})") from None
     # a recorded lead floats only convs it names; any it names that could not float:
     if missing := sorted(set(spec.float_layers or ()) - set(quantizer.float_layers)):
         raise CompressError(f"float_layers: {', '.join(missing)} cannot stay float in this model ({type(model).__name__}): "

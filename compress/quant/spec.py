@@ -24,7 +24,7 @@ class QuantSpec:
         capture) or ``auto`` (eager where it applies, pt2e otherwise).
     float_convs: pt2e backend. ``auto``: a float lead -- the first k convs in graph order
         (and what is computed only from them), for the k leaving the fewest convs on the
-        wrong side of ``onnx_io.integer_conv_slow`` -- stays float, trained and exported so;
+        wrong side of ``ort_runtime.integer_conv_slow`` -- stays float, trained and exported so;
         ``none``: every conv is quantized. (The eager backend decides this at export,
         ``float_stem``.)
     float_layers: pt2e backend, when rebuilding a checkpoint: the module paths of the convs

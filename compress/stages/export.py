@@ -18,8 +18,9 @@ from pydantic import Field
 from ..config import Spec, StageSpec, stage_ref
 from ..data import iterate
 from ..errors import CompressError
-from ..onnx_io import (check_fp32_parity, check_int8_agreement, check_int8_kernels, export_onnx,
-                       float_islands, ort_latency_side_by_side, ort_logits, slow_integer_convs)
+from ..onnx_io import check_fp32_parity, check_int8_agreement, export_onnx
+from ..ort_runtime import (check_int8_kernels, float_islands, ort_latency_side_by_side, ort_logits,
+                           slow_integer_convs)
 from .. import quant
 from ..quant import QuantSpec, calibrate, is_quantized, quantize_model, to_int8_module
 from . import StageResult, register

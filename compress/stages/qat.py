@@ -40,7 +40,7 @@ class QATStage(StageSpec, TrainingSpec):
         "auto", description="eager: own modules, plain Sequential stacks; pt2e: torchao, any capturable graph")
     float_convs: Literal["auto", "none"] = Field(
         "auto", description="pt2e backend: auto keeps a lead of the graph float over the convs onnxruntime "
-        "runs slower in INT8 (onnx_io.integer_conv_slow); none quantizes every conv")
+        "runs slower in INT8 (ort_runtime.integer_conv_slow); none quantizes every conv")
     integer_sigmoid: bool = Field(
         True, description="pt2e backend: SiLU split into x * sigmoid(x), sigmoids and sigmoid-gated products "
         "quantized, so onnxruntime runs QLinearSigmoid/QLinearMul; false keeps them float")
