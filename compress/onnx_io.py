@@ -1,8 +1,10 @@
-"""ONNX export and onnxruntime checks.
+"""ONNX export, and the checks that compare an exported file with the PyTorch model it came
+from (onnxruntime's side, with no torch, is in ``ort_runtime``).
 
 An exported file takes float32 NCHW images in [0, 1] at native size (input "images",
 dynamic batch axis), normalizes them inside the graph and returns float "logits". Every
-number a report quotes about a file is measured here, with onnxruntime running it.
+number a report quotes about a file is measured with onnxruntime running it, here or in
+``ort_runtime``.
 """
 
 import collections
