@@ -6,6 +6,9 @@ those two folders, so no recipe, name or symlink can make a run delete files it 
 One run at a time per recipe and workdir: :meth:`Storage.lock` holds an exclusive
 ``flock`` on ``runs/<recipe>/.lock`` for the whole run. The kernel drops the lock when the
 process ends, however it ends, so a killed run never leaves a stale lock behind.
+
+Every file a run writes is written whole or not at all (:func:`atomic_write`: a temporary
+file beside it, synced, then renamed over it), so a killed run never leaves half a file.
 """
 
 import contextlib
