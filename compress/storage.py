@@ -7,8 +7,8 @@ One run at a time per recipe and workdir: :meth:`Storage.lock` holds an exclusiv
 ``flock`` on ``runs/<recipe>/.lock`` for the whole run. The kernel drops the lock when the
 process ends, however it ends, so a killed run never leaves a stale lock behind.
 
-Every file a run writes is written whole or not at all (:func:`atomic_write`: a temporary
-file beside it, synced, then renamed over it), so a killed run never leaves half a file.
+Results, checkpoints, reports and exported files are written whole or not at all
+(:func:`atomic_write`: a temporary file beside the target, synced, then renamed over it).
 """
 
 import contextlib
