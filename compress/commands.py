@@ -167,7 +167,7 @@ def evaluate_onnx(path, data=None, root=None, test_subset=None):
 
 
 def cmd_eval(args):
-    from .checkpoint import write_json
+    from .storage import write_json
     from .plots import plot_confusion
 
     r = evaluate_onnx(args.model, args.data, args.root, args.test_subset)
@@ -460,7 +460,7 @@ def compare_reports(report_paths, out_dir):
 
     >>> compare_reports(["a/exports/vgg_prune_kd", "b/exports/vgg_prune_kd"], ".")  # doctest: +SKIP
     """
-    from .checkpoint import atomic_write
+    from .storage import atomic_write
     from .plots import export_points, plot_pareto
 
     paths = [_report_path(p) for p in report_paths]
@@ -515,7 +515,7 @@ def rerender(export_dir):
     """Re-write report.md and the charts of one run from report.json and the stored stage
     results (``<workdir>/runs/<recipe>/stages/*/result.json``); nothing is trained or measured.
     Returns (written paths, the run folder it read)."""
-    from .checkpoint import atomic_write
+    from .storage import atomic_write
     from .plots import render_run
     from .report import render_markdown
 
