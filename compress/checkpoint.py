@@ -10,7 +10,7 @@ import torch
 
 from .errors import CompressError
 from .models import build_model
-from .storage import atomic_write, write_json  # noqa: F401  (other modules import them from here)
+from .storage import atomic_write
 
 
 def digest_tensor(h, t):

@@ -23,13 +23,9 @@ import onnx
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
 from .errors import CompressError, one_line
-# onnxruntime's side (no torch there, so `compress bench` starts fast); imported here for
-# this module's checks and for the callers that have always found these names here.
-from .ort_runtime import (_as_images, _optimized_op_types, check_int8_kernels, float_islands,  # noqa: F401
-                          int8_kernels, integer_conv_slow, ort_latency_ms, ort_latency_side_by_side,
-                          ort_logits, ort_op_counts, ort_session, slow_integer_convs)
+from .ort_runtime import _as_images, _optimized_op_types, ort_logits
+from .storage import atomic_write
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # Metadata key recording the normalization the graph applies itself, as JSON

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint, sha256, write_json
+from .checkpoint import load_checkpoint, save_checkpoint, sha256
 from .commands import cpu_info, vnni_of
 from .config import TrainingSpec
 from .data import load_data
@@ -27,7 +27,7 @@ from .models import Ensemble
 from .plots import render_run
 from .report import Report, StageRow, write_report
 from .stages import STAGES, PlanBuilder, StageResult, prepare
-from .storage import Storage
+from .storage import Storage, write_json
 from .tracking import Tracker
 
 

@@ -309,7 +309,7 @@ def run_sweep(args):
 def collect(base, configs, params, shared, spec, export_dir, seconds, args):
     """sweep.json, sweep.md and pareto.png from the trials' stored reports; the INT8 files'
     latency is measured again here, one file at a time, as trials ran side by side."""
-    from .checkpoint import atomic_write, write_json
+    from .storage import atomic_write, write_json
     from .ort_runtime import ort_latency_ms
     from .plots import pareto_front, plot_pareto
 

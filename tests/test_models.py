@@ -18,7 +18,8 @@ from compress.models import (MODELS, Ensemble, build_model, factory_params, feat
                              make_spec, model_factory)
 from compress.models.mobilenetv2 import InvertedResidual
 from compress.models.resnet import BasicBlock
-from compress.onnx_io import _normalization, _torch_logits, ort_logits
+from compress.onnx_io import _normalization, _torch_logits
+from compress.ort_runtime import ort_logits
 from compress.pipeline import run_recipe, validate_recipe
 from compress.stages import model_cost
 from compress.stages.prune import PruneStage, prune_model

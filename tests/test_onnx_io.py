@@ -15,9 +15,8 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.models import VGG
-from compress.onnx_io import (NORMALIZATION_KEY, check_fp32_parity, check_int8_agreement,
-                              export_onnx, int8_kernels, ort_latency_ms, ort_latency_side_by_side,
-                              ort_logits, ort_session)
+from compress.onnx_io import NORMALIZATION_KEY, check_fp32_parity, check_int8_agreement, export_onnx
+from compress.ort_runtime import int8_kernels, ort_latency_ms, ort_latency_side_by_side, ort_logits, ort_session
 from compress.quant import QuantSpec, calibrate, quantize_model, set_qat_phase, to_int8_module
 
 SHAPE = (1, 16, 16)

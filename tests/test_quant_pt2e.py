@@ -18,8 +18,8 @@ from compress.config import parse_recipe
 from compress.errors import CompressError
 from compress.models import MODELS, VGG, layer_shapes
 from compress.models.resnet import CifarResNet
-from compress.onnx_io import (check_int8_agreement, check_int8_kernels, export_onnx, integer_conv_slow,
-                              slow_integer_convs)
+from compress.onnx_io import check_int8_agreement, export_onnx
+from compress.ort_runtime import check_int8_kernels, integer_conv_slow, slow_integer_convs
 from compress.pipeline import run_recipe, validate_recipe
 from compress.quant import (QuantSpec, backend_of, calibrate, is_quantized, quantize_model,
                             set_qat_phase, to_int8_module)
@@ -326,7 +326,7 @@ def test_float_lead_stays_float_through_qat_export_and_checkpoint(tmp_path):
     path = tmp_path / "lead-int8.onnx"
     export_onnx(to_int8_module(q), path, input_shape=shape, mean=[0.5], std=[0.25], metadata={})
     ops = check_int8_kernels(path, float_convs=len(q.float_layers))
-    from compress.onnx_io import ort_op_counts
+    from compress.ort_runtime import ort_op_counts
 
     counts = ort_op_counts(path)
     convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
@@ -380,6 +380,7 @@ def test_a_resnets_float_stem_hands_its_output_to_the_integer_body_in_nhwc(tmp_p
     import numpy as np
 
     import compress.onnx_io as oio
+    import compress.ort_runtime as ort_rt
 
     shape = (3, 16, 16)
     q = _calibrated_resnet8([16, 16, 32, 64], shape)
@@ -388,13 +389,13 @@ def test_a_resnets_float_stem_hands_its_output_to_the_integer_body_in_nhwc(tmp_p
     export_onnx(to_int8_module(q), tmp_path / "int8.onnx", **kw)
     monkeypatch.setattr(oio, "_nhwc_handoff", lambda proto: 0)
     export_onnx(to_int8_module(q), tmp_path / "before.onnx", **kw)
-    after, before = (oio.ort_op_counts(tmp_path / f) for f in ("int8.onnx", "before.onnx"))
+    after, before = (ort_rt.ort_op_counts(tmp_path / f) for f in ("int8.onnx", "before.onnx"))
     assert after["Transpose"] == 1 and after["ReorderOutput"] == 1, after
     assert before["Transpose"] > 2, before
     check_int8_kernels(tmp_path / "int8.onnx", float_convs=1)
     x = np.random.default_rng(0).random((8, *shape), dtype=np.float32)
-    np.testing.assert_array_equal(oio.ort_logits(tmp_path / "int8.onnx", x),
-                                  oio.ort_logits(tmp_path / "before.onnx", x))
+    np.testing.assert_array_equal(ort_rt.ort_logits(tmp_path / "int8.onnx", x),
+                                  ort_rt.ort_logits(tmp_path / "before.onnx", x))
 
 
 class NarrowInverted(nn.Module):
@@ -462,6 +463,7 @@ def test_a_float_stem_before_a_padded_pool_hands_over_in_nhwc(tmp_path, monkeypa
     import numpy as np
 
     import compress.onnx_io as oio
+    import compress.ort_runtime as ort_rt
 
     torch.manual_seed(0)
     # down to a 1x1 map at the end, where the export also cuts the last conv's kernel: the
@@ -487,15 +489,15 @@ def test_a_float_stem_before_a_padded_pool_hands_over_in_nhwc(tmp_path, monkeypa
     kernels = [[a.ints for a in n.attribute if a.name == "kernel_shape"][0]
                for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node if n.op_type == "Conv"]
     assert kernels[1:] == [[3, 3], [2, 2], [1, 1]], kernels    # 4x4 -> 1x1 at stride 4 reads 2x2 of it
-    ops = oio._optimized_op_types(str(tmp_path / "int8.onnx"))
+    ops = ort_rt._optimized_op_types(str(tmp_path / "int8.onnx"))
     first, last = ops.index("QuantizeLinear"), len(ops) - 1 - ops[::-1].index("QLinearConv")
     # float stem and pool, NHWC from the reorder on, to the last integer conv
     assert "MaxPool" in ops[:first] and "MaxPool" not in ops[first:] and "Transpose" not in ops[:last], ops
-    before = oio._optimized_op_types(str(tmp_path / "before.onnx"))
+    before = ort_rt._optimized_op_types(str(tmp_path / "before.onnx"))
     assert before.index("MaxPool") > before.index("QuantizeLinear") and "Transpose" in before[:before.index("QLinearConv")]
     images = x.numpy()
-    np.testing.assert_array_equal(oio.ort_logits(tmp_path / "int8.onnx", images),
-                                  oio.ort_logits(tmp_path / "before.onnx", images))
+    np.testing.assert_array_equal(ort_rt.ort_logits(tmp_path / "int8.onnx", images),
+                                  ort_rt.ort_logits(tmp_path / "before.onnx", images))
     assert oio.check_int8_agreement(tmp_path / "int8.onnx", q, x, min_agreement=1.0) == 1.0
 
 
@@ -783,7 +785,7 @@ def test_silu_and_sigmoid_gates_run_as_integer_kernels(tmp_path, registered):
     the integer part, where before each ran in float between a DequantizeLinear and a
     QuantizeLinear; the INT8 file agrees with the fake-quant model. Checkpoints from before
     the option rebuild as they were trained (float sigmoid)."""
-    from compress.onnx_io import float_islands, ort_op_counts
+    from compress.ort_runtime import float_islands, ort_op_counts
     from compress.quant.pt2e import capture, split_silu
 
     torch.manual_seed(0)

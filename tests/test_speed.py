@@ -204,6 +204,7 @@ def test_a_16_channel_float_stem_hands_its_output_to_the_integer_convs_in_nhwc(t
     import torch
 
     import compress.onnx_io as oio
+    import compress.ort_runtime as ort_rt
     from compress.models import VGG
     from compress.quant import QuantSpec, calibrate, quantize_model
     from compress.quant.eager import to_int8_module
@@ -225,8 +226,8 @@ def test_a_16_channel_float_stem_hands_its_output_to_the_integer_convs_in_nhwc(t
     assert "Transpose" in _optimized_ops(tmp_path / "before.onnx", tmp_path)[:first]
     assert "Transpose" not in _optimized_ops(tmp_path / "fp32.onnx", tmp_path)
     images = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
-    np.testing.assert_array_equal(oio.ort_logits(tmp_path / "int8.onnx", images),
-                                  oio.ort_logits(tmp_path / "before.onnx", images))
+    np.testing.assert_array_equal(ort_rt.ort_logits(tmp_path / "int8.onnx", images),
+                                  ort_rt.ort_logits(tmp_path / "before.onnx", images))
 
 
 def test_nhwc_handoff_dropped_where_onnxruntime_would_not_run_fewer_transposes(tmp_path, monkeypatch):
@@ -390,7 +391,7 @@ def test_float_islands_counts_the_float_ops_inside_the_integer_part(tmp_path):
     # float stem (before the first integer op) and float tail are not such islands
     import torch
 
-    from compress.onnx_io import float_islands, ort_op_counts
+    from compress.ort_runtime import float_islands, ort_op_counts
 
     path = _hard_swish_int8(tmp_path / "hs.onnx")
     assert ort_op_counts(path).get("QLinearConv") == 2
@@ -856,7 +857,7 @@ def test_the_input_is_quantized_as_pixels_where_that_is_exact(tmp_path, float_st
     import numpy as np
     import torch
 
-    from compress.onnx_io import ort_logits
+    from compress.ort_runtime import ort_logits
 
     pixels = torch.randint(0, 256, (2, 16, 1, 28, 28), generator=torch.Generator().manual_seed(1)) / 255.0
     pixels[:, :, 0, 0, 0], pixels[:, :, 0, 0, 1] = 0.0, 1.0
@@ -912,6 +913,7 @@ def test_kernel_taps_that_only_read_padding_are_cut_from_the_exported_convs(tmp_
     import torch
 
     import compress.onnx_io as oio
+    import compress.ort_runtime as ort_rt
     from compress.quant import QuantSpec, calibrate, quantize_model, to_int8_module
 
     net = _tiny_maps_net()
@@ -937,11 +939,11 @@ def test_kernel_taps_that_only_read_padding_are_cut_from_the_exported_convs(tmp_
         assert "Identity" in ops and not {"GlobalAveragePool", "ReduceMean"} & set(ops), fmt   # mean of 1x1
     x = images.numpy()
     # float: the same sums without zero terms; integer: the same integers
-    np.testing.assert_allclose(oio.ort_logits(tmp_path / "cut-fp32.onnx", x),
-                               oio.ort_logits(tmp_path / "whole-fp32.onnx", x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ort_rt.ort_logits(tmp_path / "cut-fp32.onnx", x),
+                               ort_rt.ort_logits(tmp_path / "whole-fp32.onnx", x), rtol=0, atol=1e-5)
     oio.check_fp32_parity(tmp_path / "cut-fp32.onnx", net, images)
-    cut, whole = oio.ort_logits(tmp_path / "cut-int8.onnx", x), oio.ort_logits(tmp_path / "whole-int8.onnx", x)
+    cut, whole = ort_rt.ort_logits(tmp_path / "cut-int8.onnx", x), ort_rt.ort_logits(tmp_path / "whole-int8.onnx", x)
     assert np.abs(cut).max() > 0.1    # not a degenerate all-zero output
     np.testing.assert_array_equal(cut, whole)
     assert oio.check_int8_agreement(tmp_path / "cut-int8.onnx", q, images, min_agreement=1.0) == 1.0
-    assert oio.check_int8_kernels(tmp_path / "cut-int8.onnx", float_convs=1)["QLinearConv"] == 5   # stem float
+    assert ort_rt.check_int8_kernels(tmp_path / "cut-int8.onnx", float_convs=1)["QLinearConv"] == 5   # stem float

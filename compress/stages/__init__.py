@@ -313,7 +313,7 @@ def _stored_logits(path, rows, n, batch):
 
 def _store_logits(storage, path, table):
     """Write the table for later runs; a failed write (a full disk) costs only that."""
-    from ..checkpoint import atomic_write
+    from ..storage import atomic_write
 
     try:
         atomic_write(storage.owned(path), lambda p: torch.save(table.detach().cpu(), p))
