@@ -139,3 +139,34 @@ def test_global_batch_split_over_ranks_is_the_one_process_batch():
         assert torch.equal(torch.stack([p0.index, p1.index], 1).reshape(-1), b.index)
         assert torch.equal(torch.stack([p0.x, p1.x], 1).reshape(b.x.shape), b.x)
         assert torch.equal(torch.stack([p0.view, p1.view], 1).reshape(-1), b.view)
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_rank_leaves_without_finalization(tmp_path, monkeypatch, capsys, world):
+    """Under torchrun (WORLD_SIZE > 1) `compress` leaves through os._exit with its exit
+    status, after its output is flushed: gloo's worker threads outlive the process group and
+    one freeing the last collective's tensors during Python's finalization aborted complete
+    runs. A single process returns its status as before."""
+    import compress.cli as cli
+    import compress.distributed  # noqa: F401  (imported by every run)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nstages: 3\n")
+    exits = []
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Left
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    if world == "1":
+        assert cli.main(["run", str(bad), "--workdir", str(tmp_path)]) == 2 and exits == []
+    else:
+        with pytest.raises(Left):
+            cli.main(["run", str(bad), "--workdir", str(tmp_path)])
+        assert exits == [2]
+    assert capsys.readouterr().err.startswith("error: ")
