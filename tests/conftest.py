@@ -3,12 +3,30 @@
 import copy
 import gzip
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 FMNIST_STEMS = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
                 "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+
+HEAVY_MODULES = ("torch", "torchvision", "timm", "torch_pruning")
+
+
+def run_without_heavy_imports(code):
+    """Run the Python statements `code` in a fresh interpreter from the repository root;
+    returns (their stdout, the torch / torchvision / timm / torch-pruning modules they
+    imported, at most 5). Fails with stderr if they fail."""
+    check = f"import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r})[:5])"
+    r = subprocess.run([sys.executable, "-c", f"{code}\n{check}"], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    *out, heavy = r.stdout.splitlines()
+    return "\n".join(out), heavy
 
 
 def idx_bytes(array):

@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import time
-from pathlib import Path
 
 import onnx
 import pytest
@@ -18,7 +17,7 @@ from compress.cli import main
 from compress.commands import compare_table, cpu_line, cpu_vnni
 from compress.plots import comparison_rows, pareto_front, plot_method_bars, render_run
 
-from conftest import TINY_RECIPE, write_fmnist
+from conftest import TINY_RECIPE, run_without_heavy_imports, write_fmnist
 
 N_TRAIN, N_TEST, BATCH = 256, 128, 32
 TEACHER_EPOCHS = 2
@@ -287,22 +286,15 @@ def test_compare_two_prune_ratios(runs, tmp_path, capsys):
 def test_compare_and_report_run_without_importing_torch(runs, tmp_path):
     """`compare` and `report` read report.json files and draw charts: importing torch for
     that made `compress compare` take 5.0 s where it now takes about 1.3."""
-    import subprocess
-    import sys
-
     wd = tmp_path / "wd"
     shutil.copytree(runs["a"]["wd"], wd)   # `report` rewrites its folder's files
     exp = wd / "exports" / runs["a"]["raw"]["name"]
-    code = ("import sys; from compress.cli import main; "
-            f"assert main(['compare', {str(exp)!r}, {str(runs['b']['exp'])!r}, '--out', {str(tmp_path / 'c')!r}]) == 0; "
-            f"assert main(['report', {str(exp)!r}]) == 0; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm', "
-            "'torch_pruning'))[:5])")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       cwd=Path(__file__).resolve().parents[1])
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "c" / "compare.md").is_file() and "re-rendered report.md" in r.stdout
-    assert r.stdout.splitlines()[-1] == "[]", r.stdout.splitlines()[-1]
+    out, heavy = run_without_heavy_imports(
+        "from compress.cli import main; "
+        f"assert main(['compare', {str(exp)!r}, {str(runs['b']['exp'])!r}, '--out', {str(tmp_path / 'c')!r}]) == 0; "
+        f"assert main(['report', {str(exp)!r}]) == 0")
+    assert (tmp_path / "c" / "compare.md").is_file() and "re-rendered report.md" in out
+    assert heavy == "[]", heavy
 
 
 def test_eval_matches_report(runs, capsys, tmp_path):
