@@ -296,7 +296,9 @@ def test_bench_runs_without_importing_torch(exported):
         "from compress.cli import main; "
         f"assert main(['bench', {str(exported / 'int8.onnx')!r}, '--compare', {str(exported / 'fp32.onnx')!r}, "
         "'--batch', '1', '--runs', '2', '--threads', '1']) == 0")
-    assert "is 1." in out or "is not faster" in out            # it compared the two files
+    # it compared the two files (whatever the ratio: with two runs a busy machine gives any)
+    assert re.search(r"^int8\.onnx is (\d+\.\d\d× faster|not faster) than its FP32 twin fp32\.onnx "
+                     r"at batch 1 ", out, re.M), out
     assert heavy == "[]", heavy
 
 
