@@ -2,6 +2,7 @@
 
 import copy
 import gzip
+import os
 import struct
 import subprocess
 import sys
@@ -51,6 +52,17 @@ def write_fmnist(root, n_train=64, n_test=32, gz=True, seed=0):
         else:
             (root / stem).write_bytes(raw)
     return arrays
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (pyproject's `-n 2`) two workers share the machine: each computes on
+    one thread, in-process and in the commands it starts (OMP_NUM_THREADS), so the two do not
+    oversubscribe a 2-core machine and a run in a subprocess reduces its sums in the same order
+    as one in-process (tests compare their files byte for byte)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
