@@ -75,10 +75,25 @@ def _remember_interrupts():
     return seen, lambda: signal.signal(signal.SIGINT, previous)
 
 
-def main(argv=None):
-    code = _main(argv)
+def _torchrun_rank():
+    """True in a rank of a torchrun run that imported the process-group module."""
     distributed = sys.modules.get(f"{__package__}.distributed")
-    if distributed is not None and distributed.launched():
+    return distributed is not None and distributed.launched()
+
+
+def main(argv=None):
+    try:
+        code = _main(argv)
+    except Exception:
+        if not _torchrun_rank():
+            raise
+        # a bug, not a recipe error: its traceback and exit status 1, as Python gives them,
+        # but through the exit below (finalization may abort instead)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if _torchrun_rank():
         # A torchrun rank leaves without Python's finalization (everything it writes is already
         # written whole and closed). gloo's worker threads outlive destroy_process_group, and
         # one may still be freeing the last collective's tensors, which takes the GIL; during

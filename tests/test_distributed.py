@@ -170,3 +170,38 @@ def test_a_torchrun_rank_leaves_without_finalization(tmp_path, monkeypatch, caps
             cli.main(["run", str(bad), "--workdir", str(tmp_path)])
         assert exits == [2]
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_a_torchrun_rank_leaves_after_a_bug_with_its_traceback_and_status_1(monkeypatch, capsys, world):
+    """An unexpected exception (a bug, not a recipe error) in a torchrun rank prints its
+    traceback and leaves through os._exit(1), as Python's own exit would, without the
+    finalization that may abort; in one process it propagates unchanged."""
+    import compress.cli as cli
+    import compress.distributed  # noqa: F401  (imported by every run)
+
+    exits = []
+
+    class Left(BaseException):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Left
+
+    def bug(argv):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "_main", bug)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    if world == "1":
+        with pytest.raises(ZeroDivisionError):
+            cli.main(["run", "r.yaml"])
+        assert exits == []
+    else:
+        with pytest.raises(Left):
+            cli.main(["run", "r.yaml"])
+        assert exits == [1]
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):") and "ZeroDivisionError: a bug" in err
