@@ -663,8 +663,19 @@ def tiny(tmp_path_factory):
     return path
 
 
+# The runs compared byte for byte compute on two threads, in-process and in the processes the
+# tests start, whatever the test runner's own setting (its workers compute on one): the same
+# numbers must come out of a multi-threaded run, as users run it.
+THREADS = 2
+
+
 def run_cli(recipe, workdir, *extra):
-    code, out, err = cli(["run", str(recipe), "--workdir", str(workdir), "--device", "cpu", *extra])
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        code, out, err = cli(["run", str(recipe), "--workdir", str(workdir), "--device", "cpu", *extra])
+    finally:
+        torch.set_num_threads(before)
     assert code == 0, err
     return out
 
@@ -712,13 +723,14 @@ def test_same_seed_same_numbers_twice(tiny, reference, tmp_path):
     again = report(tmp_path)
     assert numbers(again) == numbers(rep)
     assert stored_files(tmp_path) == stored_files(work)          # byte-identical checkpoints and ONNX
+    assert rep["environment"]["threads"] == again["environment"]["threads"] == THREADS
     st = {s["name"]: s for s in rep["stages"]}
     assert st["teacher"]["top1"] > 25                              # it learned (chance: 10%)
     assert [s["name"] for s in rep["stages"]] == ["teacher", "prune", "distill", "qat", "export"]
 
 
 def _start(recipe, workdir, log):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(THREADS)}
     return subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--workdir", str(workdir),
                              "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=str(workdir))
@@ -809,7 +821,7 @@ def test_killed_runs_resume_from_the_last_completed_stage(tiny, reference, tmp_p
         assert f"stored file {last} of stage '{recomputed}' is missing or corrupt; recomputing" in out
     assert not [*work.glob("**/.*.tmp")]
     assert sorted(assert_results_verify(work)) == sorted(order)
-    assert numbers(rep) == numbers(reference[1])
+    assert numbers(rep) == numbers(reference[1]) and rep["environment"]["threads"] == THREADS
     assert stored_files(work) == stored_files(reference[0])
 
 
