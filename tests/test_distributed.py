@@ -141,59 +141,57 @@ def test_global_batch_split_over_ranks_is_the_one_process_batch():
         assert torch.equal(torch.stack([p0.view, p1.view], 1).reshape(-1), b.view)
 
 
+class Left(BaseException):
+    """Raised by the stand-in for os._exit, so that the test process goes on."""
+
+
+@pytest.fixture
+def exits(monkeypatch):
+    """os._exit replaced: the statuses it was called with, and it raises Left."""
+    import compress.cli as cli
+    import compress.distributed  # noqa: F401  (imported by every run)
+
+    called = []
+
+    def fake_exit(code):
+        called.append(code)
+        raise Left
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    return called
+
+
 @pytest.mark.parametrize("world", ["1", "2"])
-def test_a_torchrun_rank_leaves_without_finalization(tmp_path, monkeypatch, capsys, world):
+def test_a_torchrun_rank_leaves_without_finalization(tmp_path, monkeypatch, capsys, exits, world):
     """Under torchrun (WORLD_SIZE > 1) `compress` leaves through os._exit with its exit
     status, after its output is flushed: gloo's worker threads outlive the process group and
     one freeing the last collective's tensors during Python's finalization aborted complete
     runs. A single process returns its status as before."""
-    import compress.cli as cli
-    import compress.distributed  # noqa: F401  (imported by every run)
+    from compress.cli import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nstages: 3\n")
-    exits = []
-
-    class Left(Exception):
-        pass
-
-    def fake_exit(code):
-        exits.append(code)
-        raise Left
-
-    monkeypatch.setattr(cli.os, "_exit", fake_exit)
     monkeypatch.setenv("WORLD_SIZE", world)
     if world == "1":
-        assert cli.main(["run", str(bad), "--workdir", str(tmp_path)]) == 2 and exits == []
+        assert main(["run", str(bad), "--workdir", str(tmp_path)]) == 2 and exits == []
     else:
         with pytest.raises(Left):
-            cli.main(["run", str(bad), "--workdir", str(tmp_path)])
+            main(["run", str(bad), "--workdir", str(tmp_path)])
         assert exits == [2]
     assert capsys.readouterr().err.startswith("error: ")
 
 
 @pytest.mark.parametrize("world", ["1", "2"])
-def test_a_torchrun_rank_leaves_after_a_bug_with_its_traceback_and_status_1(monkeypatch, capsys, world):
+def test_a_torchrun_rank_leaves_after_a_bug_with_its_traceback_and_status_1(monkeypatch, capsys, exits, world):
     """An unexpected exception (a bug, not a recipe error) in a torchrun rank prints its
     traceback and leaves through os._exit(1), as Python's own exit would, without the
     finalization that may abort; in one process it propagates unchanged."""
     import compress.cli as cli
-    import compress.distributed  # noqa: F401  (imported by every run)
-
-    exits = []
-
-    class Left(BaseException):
-        pass
-
-    def fake_exit(code):
-        exits.append(code)
-        raise Left
 
     def bug(argv):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(cli, "_main", bug)
-    monkeypatch.setattr(cli.os, "_exit", fake_exit)
     monkeypatch.setenv("WORLD_SIZE", world)
     if world == "1":
         with pytest.raises(ZeroDivisionError):
